@@ -1,0 +1,69 @@
+"""A multimodal retrieval engine for a checkpointed BERT + ViT dual encoder.
+
+Importing the package is cheap: names load their module (and torch) on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Checkpoint": "retrieval.checkpoint",
+    "CheckpointInfo": "retrieval.checkpoint",
+    "load_checkpoint": "retrieval.checkpoint",
+    "Encoder": "retrieval.encoder",
+    "ModelSpec": "retrieval.encoder",
+    "load_model": "retrieval.encoder",
+    "CheckpointError": "retrieval.errors",
+    "ConfigError": "retrieval.errors",
+    "InputError": "retrieval.errors",
+    "ModelError": "retrieval.errors",
+    "RetrievalError": "retrieval.errors",
+    "ModelFingerprint": "retrieval.fingerprint",
+    "MultiModalEncoder": "retrieval.model",
+    "Runtime": "retrieval.runtime",
+    "resolve_runtime": "retrieval.runtime",
+}
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointInfo",
+    "ConfigError",
+    "Encoder",
+    "InputError",
+    "ModelError",
+    "ModelFingerprint",
+    "ModelSpec",
+    "MultiModalEncoder",
+    "RetrievalError",
+    "Runtime",
+    "__version__",
+    "load_checkpoint",
+    "load_model",
+    "resolve_runtime",
+]
+
+if TYPE_CHECKING:
+    from retrieval.checkpoint import Checkpoint, CheckpointInfo, load_checkpoint
+    from retrieval.encoder import Encoder, ModelSpec, load_model
+    from retrieval.errors import CheckpointError, ConfigError, InputError, ModelError, RetrievalError
+    from retrieval.fingerprint import ModelFingerprint
+    from retrieval.model import MultiModalEncoder
+    from retrieval.runtime import Runtime, resolve_runtime
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,187 @@
+"""The command line: typer apps that parse, call one library function and format the result.
+
+``retrieval`` holds every command; ``index`` and ``search`` are its two groups as console scripts
+of their own. Library errors become one line on stderr and exit code 2 (the traceback only with
+``--debug``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from retrieval import __version__
+from retrieval.errors import RetrievalError
+
+__all__ = ["app", "index_app", "main", "run", "search_app"]
+
+EXIT_ERROR = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+
+def _group(name: str, help_text: str) -> typer.Typer:
+    return typer.Typer(
+        name=name,
+        help=help_text,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+
+
+app = _group("retrieval", "Multimodal retrieval with a BERT + ViT dual-encoder checkpoint.")
+index_app = _group("index", "Build and inspect index folders.")
+search_app = _group("search", "Search an index by text, image or vector.")
+model_app = _group("model", "Inspect a model checkpoint and its towers.")
+app.add_typer(index_app)
+app.add_typer(search_app)
+app.add_typer(model_app)
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+CheckpointOpt = Annotated[
+    Path, typer.Option("--checkpoint", help="The seed-format checkpoint (.pt).", show_default=True)
+]
+TextModelOpt = Annotated[Path, typer.Option("--text-model", help="Folder of the BERT tower and tokenizer.")]
+VisionModelOpt = Annotated[
+    Path, typer.Option("--vision-model", help="Folder of the ViT tower and image processor.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow a checkpoint that needs full unpickling (can run code: only for files you made).",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")]
+
+
+def _accept_debug(debug: Debug = False) -> None:
+    """``--debug`` is read by ``run`` before parsing; declaring it here documents and accepts it."""
+
+
+for _app in (app, index_app, search_app):
+    _app.callback()(_accept_debug)
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _emit(data: Any, as_json: bool, rows: Sequence[tuple[str, Any]]) -> None:
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    width = max((len(k) for k, _ in rows), default=0)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {'-' if value is None else value}")
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+@app.command()
+def version(as_json: Json = False) -> None:
+    """Print the versions of the engine and the libraries it runs on."""
+    import faiss
+    import torch
+    import transformers
+
+    data = {
+        "retrieval": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "faiss": faiss.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }
+    _emit(data, as_json, list(data.items()))
+
+
+@model_app.command("info")
+def model_info(
+    checkpoint: CheckpointOpt = Path("checkpoints/best_checkpoint.pt"),
+    text_model: TextModelOpt = Path("models/bert-base-uncased"),
+    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    trust_checkpoint: TrustOpt = False,
+    as_json: Json = False,
+) -> None:
+    """Load a checkpoint into its towers (strictly) and describe it."""
+    from retrieval.encoder import Encoder, ModelSpec
+
+    spec = ModelSpec(checkpoint, text_model, vision_model, trust_checkpoint=trust_checkpoint)
+    with Encoder.load(spec, device="cpu") as encoder:
+        description = describe(encoder)
+    rows = [(k, v) for k, v in description.items() if not isinstance(v, dict)]
+    rows.append(("fingerprint", description["fingerprint"]["digest"]))
+    _emit(description, as_json, rows)
+
+
+def describe(encoder: Any) -> dict[str, Any]:
+    """A JSON-ready description of a loaded ``Encoder``."""
+    model = encoder.model
+    text, vision = model.text_encoder.config, model.visual_encoder.config
+    source = encoder.source
+    return {
+        "checkpoint": str(source.path) if source else None,
+        "sha256": source.sha256 if source else None,
+        "epoch": source.epoch if source else None,
+        "global_step": source.global_step if source else None,
+        "best_loss": source.best_loss if source else None,
+        "text_tower": f"{text.model_type} {text.num_hidden_layers}x{text.hidden_size}",
+        "vision_tower": (
+            f"{vision.model_type} {vision.num_hidden_layers}x{vision.hidden_size} "
+            f"{vision.image_size}px/{vision.patch_size}"
+        ),
+        "dim": encoder.dim,
+        "temperature": round(encoder.temperature, 6),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "max_text_tokens": encoder.text_batcher.max_length,
+        "image_size": f"{encoder.preprocess.height}x{encoder.preprocess.width}",
+        "fingerprint": encoder.fingerprint.to_dict() if encoder.fingerprint else None,
+    }
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+
+def run(typer_app: typer.Typer, argv: Sequence[str] | None = None) -> None:
+    """Run ``typer_app``, turning errors into one line and an exit code (unless ``--debug``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # towers load from local folders only
+    if not debug:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    try:
+        typer_app(args=args, prog_name=typer_app.info.name, standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, RetrievalError | OSError):
+            typer.echo(f"error: {e}", err=True)
+            raise SystemExit(EXIT_ERROR) from None
+        typer.echo(
+            f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True
+        )
+        raise SystemExit(EXIT_INTERNAL) from None
+
+
+def main() -> None:
+    """Console script ``retrieval``."""
+    run(app)

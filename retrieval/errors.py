@@ -1,0 +1,34 @@
+"""The engine's exceptions: one hierarchy, so callers can catch precisely or catch all.
+
+Only the CLI turns these into exit codes; the library raises and chains them (``raise ... from e``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "InputError",
+    "ModelError",
+    "RetrievalError",
+]
+
+
+class RetrievalError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class ConfigError(RetrievalError):
+    """An option or argument has a value the engine cannot use (device, precision, batch size)."""
+
+
+class ModelError(RetrievalError):
+    """A tower folder, tokenizer or image processor is missing or unusable."""
+
+
+class CheckpointError(RetrievalError):
+    """A checkpoint file is unreadable, unsafe to load, or does not match the model."""
+
+
+class InputError(RetrievalError):
+    """A user input (image, caption, file) cannot be used."""

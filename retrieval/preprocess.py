@@ -1,0 +1,171 @@
+"""The checkpoint's preprocessing, split so that the heavy part runs anywhere and stays small.
+
+Images: ``ImagePreprocess`` reads the tower folder's image processor config and does what it
+does (resize to ``size`` with its ``resample``, rescale, normalize), in two halves:
+
+- ``to_pixels`` (CPU, any worker): RGB image -> resized ``uint8`` array (H, W, 3);
+- ``normalize`` (on the model's device): uint8 (B, H, W, 3) -> float32 (B, 3, H, W).
+
+Moving uint8 instead of float32 to the GPU is a quarter of the bytes, and the arithmetic is the
+processor's own: ``(x * rescale_factor - mean) / std``.
+
+Texts: ``TextBatcher`` tokenizes once, sorts by length and pads each batch to its own longest
+caption, so a batch of short captions is not padded to the longest caption in the corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from retrieval.errors import ModelError
+
+__all__ = ["ImagePreprocess", "TextBatch", "TextBatcher"]
+
+_PIL_FILTERS = {
+    0: Image.Resampling.NEAREST,
+    1: Image.Resampling.LANCZOS,
+    2: Image.Resampling.BILINEAR,
+    3: Image.Resampling.BICUBIC,
+    4: Image.Resampling.BOX,
+    5: Image.Resampling.HAMMING,
+}
+# Processor options that change pixels and that ImagePreprocess does not reproduce.
+_UNSUPPORTED = ("do_center_crop", "do_pad", "do_reduce_labels")
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """What the image processor does, as plain values (also hashed into the model fingerprint)."""
+
+    height: int
+    width: int
+    resample: int = 2  # PIL's BILINEAR, ViT's default
+    do_resize: bool = True
+    rescale_factor: float = 1 / 255
+    do_rescale: bool = True
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    do_normalize: bool = True
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> ImagePreprocess:
+        """Read a transformers image processor (ViT style: ``size`` with height and width)."""
+        config = processor.to_dict() if hasattr(processor, "to_dict") else dict(vars(processor))
+        size = config.get("size") or {}
+        if not isinstance(size, dict) or "height" not in size or "width" not in size:
+            raise ModelError(
+                f"image processor size {size!r} is not supported; expected {{'height': H, 'width': W}}"
+            )
+        for option in _UNSUPPORTED:
+            if config.get(option):
+                raise ModelError(f"image processor option {option}=True is not supported")
+        resample = int(config.get("resample", 2))
+        if resample not in _PIL_FILTERS:
+            raise ModelError(f"image processor resample={resample} is not a PIL filter")
+        return cls(
+            height=int(size["height"]),
+            width=int(size["width"]),
+            resample=resample,
+            do_resize=bool(config.get("do_resize", True)),
+            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+            do_rescale=bool(config.get("do_rescale", True)),
+            mean=_triple(config.get("image_mean", 0.5)),
+            std=_triple(config.get("image_std", 0.5)),
+            do_normalize=bool(config.get("do_normalize", True)),
+        )
+
+    def to_pixels(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> uint8 (height, width, 3), resized as the processor resizes."""
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode}")
+        if self.do_resize and image.size != (self.width, self.height):
+            image = image.resize((self.width, self.height), resample=_PIL_FILTERS[self.resample])
+        return np.asarray(image, dtype=np.uint8)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on any device -> float32 (B, 3, H, W), the tower's ``pixel_values``."""
+        x = pixels.permute(0, 3, 1, 2).float()
+        scale = self.rescale_factor if self.do_rescale else 1.0
+        if not self.do_normalize:
+            return x * scale
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x * scale - mean) / std
+
+
+def _triple(value: Any) -> tuple[float, float, float]:
+    values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != 3:
+        raise ModelError(f"image mean/std must have 3 channels, got {value!r}")
+    return (values[0], values[1], values[2])
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    """Padded token ids for one batch, and where each row goes in the caller's order."""
+
+    positions: np.ndarray  # (B,) int64 indices into the input sequence
+    input_ids: torch.Tensor  # (B, T) int64
+    attention_mask: torch.Tensor  # (B, T) int64
+    token_type_ids: torch.Tensor  # (B, T) int64
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "token_type_ids": self.token_type_ids,
+        }
+
+
+class TextBatcher:
+    """Tokenize like the seed (``truncation=True``) and batch by length.
+
+    The maximum length is the tokenizer's ``model_max_length``, capped by the tower's position
+    embeddings so that a tokenizer config without a limit cannot overflow the model.
+    """
+
+    def __init__(self, tokenizer: Any, max_positions: int) -> None:
+        self.tokenizer = tokenizer
+        limit = int(getattr(tokenizer, "model_max_length", max_positions) or max_positions)
+        self.max_length = min(limit, int(max_positions))
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, with special tokens, truncated to ``max_length``."""
+        encoded = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def batches(self, texts: Sequence[str], batch_size: int) -> Iterator[TextBatch]:
+        """Longest batches first (a memory problem shows at once), each padded to its own max."""
+        ids = self.tokenize(texts)
+        lengths = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        for start in range(0, len(order), batch_size):
+            positions = order[start : start + batch_size]
+            width = int(lengths[positions].max())
+            input_ids = np.full((len(positions), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(positions), width), dtype=np.int64)
+            for row, index in enumerate(positions):
+                n = int(lengths[index])
+                input_ids[row, :n] = ids[index]
+                mask[row, :n] = 1
+            yield TextBatch(
+                positions=positions,
+                input_ids=torch.from_numpy(input_ids),
+                attention_mask=torch.from_numpy(mask),
+                token_type_ids=torch.zeros_like(torch.from_numpy(input_ids)),
+            )
