@@ -85,28 +85,28 @@ def _numpy_safe_globals() -> list[Any]:
 
 
 def _read(path: Path, trust: bool) -> Any:
-    safe_globals = _numpy_safe_globals()
     try:
-        with torch.serialization.safe_globals(safe_globals):
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
             # mmap keeps the optimizer state (twice the model's size) on disk unless it is used.
             mmap = zipfile.is_zipfile(path)
             return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {_first_line(e)}") from e
-        unsafe = _unsafe_globals(path)
-        what = ", ".join(unsafe) if unsafe else "objects outside tensors and plain values"
-        raise CheckpointError(
-            f"{path} needs to unpickle {what}, which can run code while loading; refusing. "
-            "If you made this file yourself, pass --trust-checkpoint (trust_checkpoint=True)"
-        ) from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        if isinstance(e, FileNotFoundError):
-            raise CheckpointError(f"checkpoint {path} does not exist") from e
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (empty, truncated or another format): "
-            f"{_first_line(e)}"
-        ) from e
+        if "Weights only load failed" in str(e) and "Unsupported global" in str(e):
+            unsafe = _unsafe_globals(path)
+            what = ", ".join(unsafe) if unsafe else "objects other than tensors and plain values"
+            raise CheckpointError(
+                f"{path} needs to unpickle {what}, which can run code while loading; refusing. "
+                "If you made this file yourself, pass --trust-checkpoint (trust_checkpoint=True)"
+            ) from e
+        raise _unreadable(path, e) from e
+    except Exception as e:  # damaged bytes can fail anywhere in the zip reader or the unpickler
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable PyTorch checkpoint (truncated, damaged or another format): {_first_line(e)}"
+    )
 
 
 def _unsafe_globals(path: Path) -> list[str]:

@@ -38,6 +38,7 @@ DEFAULT_TEXT_MODEL = "./models/bert-base-uncased"
 DEFAULT_VISION_MODEL = "./models/vit-base-patch16-224"
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_VOCABULARY_FILES = ("vocab.txt", "tokenizer.json")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Buffers that older transformers releases saved and current ones recreate.
 _DROPPABLE_BUFFERS = ("text_encoder.embeddings.position_ids",)
@@ -67,11 +68,20 @@ def load_tower(folder: Path) -> PreTrainedModel:
     return model
 
 
-def load_tokenizer(folder: Path) -> Any:
+def load_tokenizer(folder: Path, config: PretrainedConfig) -> Any:
+    """The folder's tokenizer; its ids must fit the tower's embedding table."""
+    # Without a vocabulary file, transformers builds a tokenizer that maps every word to [UNK].
+    if not any((folder / name).is_file() for name in _VOCABULARY_FILES):
+        raise ModelError(f"no tokenizer vocabulary in {folder} (expected vocab.txt or tokenizer.json)")
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
-        raise ModelError(f"no usable tokenizer in {folder} (needs vocab.txt or tokenizer.json): {e}") from e
+        raise ModelError(f"unusable tokenizer in {folder}: {e}") from e
+    if len(tokenizer) > int(config.vocab_size):
+        raise ModelError(
+            f"tokenizer in {folder} has {len(tokenizer)} tokens but the tower embeds only {config.vocab_size}"
+        )
+    return tokenizer
 
 
 def load_image_processor(folder: Path, config: PretrainedConfig) -> Any:
@@ -116,7 +126,7 @@ class MultiModalEncoder(nn.Module):
         vision_folder = _tower_folder(vit_model_name, "vision")
         self.text_encoder = load_tower(text_folder)
         self.visual_encoder = load_tower(vision_folder)
-        self.text_tokenizer = load_tokenizer(text_folder)
+        self.text_tokenizer = load_tokenizer(text_folder, self.text_encoder.config)
         self.image_processor = load_image_processor(vision_folder, self.visual_encoder.config)
         self.text_folder = text_folder
         self.vision_folder = vision_folder

@@ -139,6 +139,8 @@ class TextBatcher:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, with special tokens, truncated to ``max_length``."""
+        if not texts:
+            return []
         encoded = self.tokenizer(
             list(texts),
             truncation=True,

@@ -1,0 +1,85 @@
+"""The command line: the three console scripts, one-line errors, --json, --debug."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def cli(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / script), *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script", ["retrieval", "index", "search"])
+def test_help(script: str) -> None:
+    result = cli(script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"Usage: {script} " in result.stdout
+
+
+def test_retrieval_lists_its_groups() -> None:
+    out = cli("retrieval", "--help").stdout
+    for command in ("version", "index", "search", "model"):
+        assert command in out
+
+
+def test_version_json() -> None:
+    result = cli("retrieval", "version", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) >= {"retrieval", "torch", "transformers", "faiss"}
+    assert data["retrieval"] == "0.1.0"
+
+
+def test_model_info(checkpoint: Path, towers: tuple[Path, Path]) -> None:
+    args = ["--checkpoint", str(checkpoint), "--text-model", str(towers[0]), "--vision-model", str(towers[1])]
+    result = cli("retrieval", "model", "info", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["epoch"], data["global_step"], data["best_loss"], data["dim"]) == (5, 10000, 0.1234, 16)
+    assert len(data["fingerprint"]["digest"]) == 64
+    table = cli("retrieval", "model", "info", *args).stdout
+    assert "global_step" in table and "10000" in table and data["fingerprint"]["digest"] in table
+
+
+def test_library_error_is_one_line_and_exit_2(tmp_path: Path, towers: tuple[Path, Path]) -> None:
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"\x00" * 100)
+    args = [
+        "model",
+        "info",
+        "--checkpoint",
+        str(bad),
+        "--text-model",
+        str(towers[0]),
+        "--vision-model",
+        str(towers[1]),
+    ]
+    result = cli("retrieval", *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "broken.pt" in result.stderr and "Traceback" not in result.stderr
+
+    debug = cli("retrieval", "--debug", *args)
+    assert debug.returncode != 0
+    assert "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+
+
+def test_usage_error_exit_code() -> None:
+    result = cli("retrieval", "model", "info", "--no-such-flag")
+    assert result.returncode == 2
+    assert "No such option" in result.stderr
+
+
+def test_default_checkpoint_missing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "retrieval"), "model", "info"], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: checkpoint checkpoints/best_checkpoint.pt does not exist"
