@@ -104,8 +104,9 @@ def _read(path: Path, trust: bool) -> Any:
 
 
 def _unreadable(path: Path, e: BaseException) -> CheckpointError:
+    why = _first_line(e)
     return CheckpointError(
-        f"{path} is not a readable PyTorch checkpoint (truncated, damaged or another format): {_first_line(e)}"
+        f"{path} is not a readable PyTorch checkpoint (truncated, damaged or another format): {why}"
     )
 
 

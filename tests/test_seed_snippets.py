@@ -22,7 +22,10 @@ from PIL import Image
 from retrieval import MultiModalEncoder
 
 MANUAL = Path(__file__).parent / "data" / "seed_checkpoint_manual.md"
-CONSTRUCTOR = 'MultiModalEncoder(bert_model_name="./models/bert-base-uncased", vit_model_name="./models/vit-base-patch16-224")'
+CONSTRUCTOR = (
+    'MultiModalEncoder(bert_model_name="./models/bert-base-uncased", '
+    'vit_model_name="./models/vit-base-patch16-224")'
+)
 
 
 def seed_blocks() -> list[str]:
