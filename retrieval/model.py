@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -27,7 +28,6 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
-    ViTImageProcessor,
 )
 
 from retrieval.errors import CheckpointError, ModelError
@@ -42,6 +42,10 @@ _VOCABULARY_FILES = ("vocab.txt", "tokenizer.json")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Buffers that older transformers releases saved and current ones recreate.
 _DROPPABLE_BUFFERS = ("text_encoder.embeddings.position_ids",)
+# transformers 5 names image processor backends; in transformers 4 the "slow" processor is PIL's.
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+_PIL_BACKEND: dict[str, Any] = {"backend": "pil"} if _TRANSFORMERS_5 else {"use_fast": False}
+_PIL_VIT_PROCESSOR = getattr(transformers, "ViTImageProcessorPil" if _TRANSFORMERS_5 else "ViTImageProcessor")
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -85,12 +89,17 @@ def load_tokenizer(folder: Path, config: PretrainedConfig) -> Any:
 
 
 def load_image_processor(folder: Path, config: PretrainedConfig) -> Any:
-    """The folder's image processor; a folder without one gets ViT's defaults at the tower's size."""
+    """The folder's image processor, PIL backend; a folder without one gets ViT's defaults.
+
+    The PIL backend is what ``resample`` in the config names, and what transformers 4 used for ViT:
+    transformers 5 otherwise picks a torchvision backend whose resize differs, so the same image
+    would embed differently depending on whether torchvision happens to be installed.
+    """
     if not (folder / "preprocessor_config.json").is_file():
         size = int(getattr(config, "image_size", 224))
-        return ViTImageProcessor(size={"height": size, "width": size})
+        return _PIL_VIT_PROCESSOR(size={"height": size, "width": size})
     try:
-        return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        return AutoImageProcessor.from_pretrained(folder, local_files_only=True, **_PIL_BACKEND)
     except (OSError, ValueError, TypeError) as e:
         raise ModelError(f"unusable preprocessor_config.json in {folder}: {e}") from e
 
