@@ -42,10 +42,11 @@ _VOCABULARY_FILES = ("vocab.txt", "tokenizer.json")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Buffers that older transformers releases saved and current ones recreate.
 _DROPPABLE_BUFFERS = ("text_encoder.embeddings.position_ids",)
-# transformers 5 names image processor backends; in transformers 4 the "slow" processor is PIL's.
-_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-_PIL_BACKEND: dict[str, Any] = {"backend": "pil"} if _TRANSFORMERS_5 else {"use_fast": False}
-_PIL_VIT_PROCESSOR = getattr(transformers, "ViTImageProcessorPil" if _TRANSFORMERS_5 else "ViTImageProcessor")
+# Recent transformers name image processor backends (ViTImageProcessorPil, backend="pil"); older
+# releases call the PIL one the "slow" processor (use_fast=False).
+_NAMED_BACKENDS = hasattr(transformers, "ViTImageProcessorPil")
+_PIL_BACKEND: dict[str, Any] = {"backend": "pil"} if _NAMED_BACKENDS else {"use_fast": False}
+_PIL_VIT_PROCESSOR = getattr(transformers, "ViTImageProcessorPil" if _NAMED_BACKENDS else "ViTImageProcessor")
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 

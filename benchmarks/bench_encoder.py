@@ -1,0 +1,215 @@
+"""Batched encoding against the seed's one-at-a-time loops, on a real-size random-init model.
+
+Builds BERT-base + ViT-B/16 towers from configs (random weights, nothing downloaded), writes a
+seed-format checkpoint, loads it through ``Encoder.load`` and measures, in one run:
+
+- images: ``encode_images(paths)`` (decode, resize, encode) vs the seed loop
+  (``Image.open(p).convert("RGB")``, ``image_processor``, ``encode_image``, one image at a time),
+  and vs the model's pure batched forward on ready pixel tensors (same batch, dtype, threads);
+- captions: ``encode_texts`` vs the seed loop (``text_tokenizer`` + ``encode_text`` per caption).
+
+Prints rates and the ratios; the README quotes them with the machine they ran on.
+
+    python benchmarks/bench_encoder.py [--device auto] [--precision auto] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BertConfig, ViTConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retrieval import Encoder, ModelSpec, MultiModalEncoder
+
+WORDS = (
+    "a an the one two three person man woman child people dog cat horse bird cow sheep bicycle car "
+    "bus train truck boat plane street road field beach snow water river park kitchen table plate "
+    "pizza sandwich cake banana apple bowl cup chair couch bed window door building tower clock sign "
+    "red blue green white black yellow brown small large young old walking running sitting standing "
+    "riding holding eating looking playing flying parked next to near on in at with of under over "
+    "front behind top side group several its their some very tall little"
+).split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_model_dir(root: Path, rng: np.random.Generator) -> ModelSpec:
+    """BERT-base and ViT-B/16 configs with a bert-base-sized vocabulary; a seed-format checkpoint."""
+    text, vision = root / "bert-base-uncased", root / "vit-base-patch16-224"
+    text.mkdir()
+    vision.mkdir()
+    vocab = SPECIAL + WORDS + ["."]
+    vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
+    (text / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertConfig().save_pretrained(text)  # bert-base: 12 x 768, 30522 tokens
+    ViTConfig().save_pretrained(vision)  # ViT-B/16 at 224 px
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    model = MultiModalEncoder(text, vision, embed_dim=256)
+    checkpoint = root / "best_checkpoint.pt"
+    torch.save(
+        {"epoch": 0, "global_step": 0, "model_state_dict": model.state_dict(), "optimizer_state_dict": {}},
+        checkpoint,
+    )
+    return ModelSpec(checkpoint, text, vision)
+
+
+def make_images(folder: Path, n: int, rng: np.random.Generator, distinct: int = 200) -> list[Path]:
+    """Photo-like JPEGs (smooth colour fields plus grain) of typical web sizes.
+
+    At most ``distinct`` files are written and the list cycles through them: decoding costs the
+    same, and writing thousands of JPEGs would dominate the run.
+    """
+    folder.mkdir()
+    sizes = [(640, 480), (500, 375), (480, 640), (800, 533), (612, 612)]
+    paths = []
+    for i in range(min(n, distinct)):
+        w, h = sizes[i % len(sizes)]
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+            (w, h), Image.BICUBIC
+        )
+        grain = rng.normal(0, 8, (h, w, 3))
+        pixels = np.clip(np.asarray(coarse, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+        paths.append(folder / f"{i:05d}.jpg")
+        Image.fromarray(pixels).save(paths[-1], quality=90)
+    return [paths[i % len(paths)] for i in range(n)]
+
+
+def make_captions(n: int, rng: np.random.Generator) -> list[str]:
+    lengths = np.clip(rng.lognormal(np.log(11), 0.45, n).astype(int), 3, 60)
+    return [" ".join(rng.choice(WORDS, size=k)) + "." for k in lengths]
+
+
+def rate(fn: Callable[[], object], items: int, sync: Callable[[], None]) -> float:
+    """Items per second of one call of ``fn`` (after ``sync`` waits for the device)."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return items / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--images", type=int, help="images for the batched paths")
+    parser.add_argument("--seed-images", type=int, help="images for the seed loop")
+    parser.add_argument("--texts", type=int, help="captions for the batched path")
+    parser.add_argument("--seed-texts", type=int, help="captions for the seed loop")
+    parser.add_argument("--batch-size", type=int, help="image batch size (default: the encoder's)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        spec = make_model_dir(root, rng)
+        encoder = Encoder.load(spec, device=args.device, precision=args.precision)
+        runtime = encoder.runtime
+        gpu = runtime.device.type == "cuda"
+        n_images = args.images or (4096 if gpu else 48)
+        n_seed_images = args.seed_images or (256 if gpu else 12)
+        n_texts = args.texts or (50_000 if gpu else 1024)
+        n_seed_texts = args.seed_texts or (1000 if gpu else 128)
+        batch = args.batch_size or encoder.image_batch_size
+        paths = make_images(root / "images", max(n_images, n_seed_images), rng)
+        captions = make_captions(max(n_texts, n_seed_texts), rng)
+        model = encoder.model
+
+        def sync() -> None:
+            if gpu:
+                torch.cuda.synchronize(runtime.device)
+
+        def seed_image_loop() -> None:
+            with torch.no_grad(), runtime.autocast():
+                for path in paths[:n_seed_images]:
+                    image = Image.open(path).convert("RGB")
+                    inputs = model.image_processor(images=[image], return_tensors="pt")
+                    model.encode_image(inputs).cpu()
+
+        def seed_text_loop() -> None:
+            with torch.no_grad(), runtime.autocast():
+                for caption in captions[:n_seed_texts]:
+                    inputs = model.text_tokenizer(caption, return_tensors="pt", padding=True, truncation=True)
+                    model.encode_text(inputs).cpu()
+
+        pixels = torch.randn(batch, 3, 224, 224, device=runtime.device)
+
+        def pure_forward() -> None:
+            with torch.inference_mode(), runtime.autocast():
+                for _ in range(0, n_images, batch):
+                    model.encode_image({"pixel_values": pixels})
+
+        # Warm-up: kernels, allocator, thread pools.
+        encoder.encode_images(paths[: min(batch, 8)])
+        encoder.encode_texts(captions[:64])
+        with torch.no_grad(), runtime.autocast():
+            model.encode_image(
+                model.image_processor(images=[Image.open(paths[0]).convert("RGB")], return_tensors="pt")
+            )
+
+        figures = {
+            "device": torch.cuda.get_device_name(runtime.device) if gpu else platform.processor() or "cpu",
+            "precision": runtime.precision,
+            "torch_threads": torch.get_num_threads(),
+            "decode_threads": encoder.threads,
+            "image_batch": batch,
+            "images_per_s_encode_images": rate(
+                lambda: encoder.encode_images(paths[:n_images], batch), n_images, sync
+            ),
+            "images_per_s_pure_forward": rate(pure_forward, n_images - n_images % batch or batch, sync),
+            "images_per_s_seed_loop": rate(seed_image_loop, n_seed_images, sync),
+            "captions_per_s_encode_texts": rate(
+                lambda: encoder.encode_texts(captions[:n_texts]), n_texts, sync
+            ),
+            "captions_per_s_seed_loop": rate(seed_text_loop, n_seed_texts, sync),
+        }
+        encoder.close()
+
+    images_vs_seed = figures["images_per_s_encode_images"] / figures["images_per_s_seed_loop"]
+    images_vs_forward = figures["images_per_s_encode_images"] / figures["images_per_s_pure_forward"]
+    texts_vs_seed = figures["captions_per_s_encode_texts"] / figures["captions_per_s_seed_loop"]
+    figures |= {
+        "ratio_images_vs_seed_loop": images_vs_seed,
+        "ratio_images_vs_pure_forward": images_vs_forward,
+        "ratio_texts_vs_seed_loop": texts_vs_seed,
+    }
+    print(
+        f"device {figures['device']}, {runtime.precision}, {figures['torch_threads']} torch threads, "
+        f"{figures['decode_threads']} decode threads, image batch {batch}"
+    )
+    print("| path | rate | ratio |")
+    print("|---|---|---|")
+    print(f"| encode_images (decode+resize+encode) | {figures['images_per_s_encode_images']:.1f} img/s | |")
+    print(
+        f"| pure batched forward (ready tensors) | {figures['images_per_s_pure_forward']:.1f} img/s | "
+        f"encode_images / forward = {images_vs_forward:.2f} |"
+    )
+    print(
+        f"| seed loop, one image at a time | {figures['images_per_s_seed_loop']:.1f} img/s | "
+        f"encode_images / seed = {images_vs_seed:.1f}x |"
+    )
+    print(f"| encode_texts | {figures['captions_per_s_encode_texts']:.0f} captions/s | |")
+    print(
+        f"| seed loop, one caption at a time | {figures['captions_per_s_seed_loop']:.0f} captions/s | "
+        f"encode_texts / seed = {texts_vs_seed:.1f}x |"
+    )
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
