@@ -176,6 +176,9 @@ def main() -> None:
                 lambda: encoder.encode_texts(captions[:n_texts]), n_texts, sync
             ),
             "captions_per_s_seed_loop": rate(seed_text_loop, n_seed_texts, sync),
+            "captions_per_s_tokenize_only": rate(
+                lambda: sum(1 for _ in encoder.text_batcher.batches(captions[:n_texts], 512)), n_texts, sync
+            ),
         }
         encoder.close()
 

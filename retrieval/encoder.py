@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from retrieval.runtime import Runtime, resolve_runtime
 __all__ = ["Encoder", "ImageInput", "ModelSpec", "load_model"]
 
 ImageInput = Image.Image | str | Path
+T = TypeVar("T")
+# Texts are tokenized this many batches at a time: enough to sort by length, bounded in memory.
+_TEXT_CHUNK_BATCHES = 16
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class Encoder:
         on_gpu = self.runtime.device.type == "cuda"
         self.text_batch_size = _positive(text_batch_size or (512 if on_gpu else 64), "text batch size")
         self.image_batch_size = _positive(image_batch_size or (256 if on_gpu else 16), "image batch size")
-        self.threads = _positive(threads or min(8, os.cpu_count() or 1), "threads")
+        self.threads = _positive(threads or min(32, os.cpu_count() or 1), "threads")
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -123,12 +126,21 @@ class Encoder:
     # -- texts --------------------------------------------------------------------------------
 
     def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        """``n`` strings -> float32 (n, D), unit norm, in input order."""
+        """``n`` strings -> float32 (n, D), unit norm, in input order.
+
+        Texts are tokenized a chunk ahead in a worker thread while the model runs, and sorted by
+        length within each chunk so that every batch is padded only to its own longest text.
+        """
         size = _positive(batch_size or self.text_batch_size, "batch size")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
+
+        def tokenize(start: int, stop: int) -> Callable[[], list[list[int]]]:
+            return self._executor().submit(self.text_batcher.tokenize, texts[start:stop]).result
+
         with self._inference():
-            for batch in self.text_batcher.batches(texts, size):
-                out[batch.positions] = self._to_numpy(self.model.encode_text(batch.inputs()))
+            for start, ids in _ahead(len(texts), size * _TEXT_CHUNK_BATCHES, tokenize):
+                for batch in self.text_batcher.batches_from_ids(ids, size):
+                    out[start + batch.positions] = self._to_numpy(self.model.encode_text(batch.inputs()))
         return out
 
     # -- images -------------------------------------------------------------------------------
@@ -136,11 +148,17 @@ class Encoder:
     def encode_images(self, images: Sequence[ImageInput], batch_size: int | None = None) -> np.ndarray:
         """``n`` PIL images or paths -> float32 (n, D), unit norm, in input order.
 
-        A path that cannot be decoded raises ``InputError`` naming it.
+        Images are decoded and resized in the thread pool one batch ahead of the model. A path
+        that cannot be decoded raises ``InputError`` naming it.
         """
         size = _positive(batch_size or self.image_batch_size, "batch size")
         out = np.empty((len(images), self.dim), dtype=np.float32)
-        for start, pixels in self._pixel_batches(images, size):
+
+        def prepare(start: int, stop: int) -> Callable[[], np.ndarray]:
+            futures = [self._executor().submit(self.prepare_image, image) for image in images[start:stop]]
+            return lambda: np.stack([f.result() for f in futures])
+
+        for start, pixels in _ahead(len(images), size, prepare):
             out[start : start + len(pixels)] = self.encode_pixels(pixels)
         return out
 
@@ -162,20 +180,10 @@ class Encoder:
         rgb = to_rgb(image) if isinstance(image, Image.Image) else open_image(image)
         return self.preprocess.to_pixels(rgb)
 
-    def _pixel_batches(self, images: Sequence[ImageInput], size: int) -> Iterator[tuple[int, np.ndarray]]:
-        # Keep one batch decoding in the pool while the model runs on the current one.
-        starts = range(0, len(images), size)
-        pending: list[Future[np.ndarray]] | None = None
-        for start in starts:
-            current = pending if pending is not None else self._submit(images[start : start + size])
-            following = start + size
-            pending = self._submit(images[following : following + size]) if following < len(images) else None
-            yield start, np.stack([f.result() for f in current])
-
-    def _submit(self, images: Sequence[ImageInput]) -> list[Future[np.ndarray]]:
+    def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="retrieval-decode")
-        return [self._pool.submit(self.prepare_image, image) for image in images]
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="retrieval-prep")
+        return self._pool
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -203,6 +211,19 @@ class Encoder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ahead(total: int, size: int, start: Callable[[int, int], Callable[[], T]]) -> Iterator[tuple[int, T]]:
+    """Yield ``(offset, result)`` per chunk of ``size``, the next chunk's work already started.
+
+    ``start(a, b)`` begins the work for items ``a:b`` (in a pool) and returns how to collect it.
+    """
+    pending: Callable[[], T] | None = None
+    for offset in range(0, total, size):
+        current = pending or start(offset, min(offset + size, total))
+        following = offset + size
+        pending = start(following, min(following + size, total)) if following < total else None
+        yield offset, current()
 
 
 def _positive(value: int, what: str) -> int:

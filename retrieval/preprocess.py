@@ -149,11 +149,14 @@ class TextBatcher:
             return_attention_mask=False,
             return_token_type_ids=False,
         )
-        return [list(ids) for ids in encoded["input_ids"]]
+        return list(encoded["input_ids"])
 
     def batches(self, texts: Sequence[str], batch_size: int) -> Iterator[TextBatch]:
+        """Tokenize ``texts`` and batch them by length (see ``batches_from_ids``)."""
+        return self.batches_from_ids(self.tokenize(texts), batch_size)
+
+    def batches_from_ids(self, ids: Sequence[Sequence[int]], batch_size: int) -> Iterator[TextBatch]:
         """Longest batches first (a memory problem shows at once), each padded to its own max."""
-        ids = self.tokenize(texts)
         lengths = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")
         for start in range(0, len(order), batch_size):

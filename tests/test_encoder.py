@@ -40,9 +40,10 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_texts_match_the_seed_loop_in_order(encoder: Encoder) -> None:
-    texts = TEXTS * 3  # several batches of mixed lengths
-    got = encoder.encode_texts(texts, batch_size=4)
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_texts_match_the_seed_loop_in_order(encoder: Encoder, batch_size: int) -> None:
+    texts = TEXTS * 3  # several batches of mixed lengths; with batch size 1, two tokenizer chunks
+    got = encoder.encode_texts(texts, batch_size=batch_size)
     assert got.dtype == np.float32 and got.shape == (len(texts), encoder.dim)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert row_cosines(got, one_at_a_time_texts(encoder.model, texts)).min() >= 0.9999
