@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -89,19 +89,32 @@ class Encoder:
         self.fingerprint = fingerprint
         self.source: CheckpointInfo | None = None
         on_gpu = self.runtime.device.type == "cuda"
-        self.text_batch_size = _positive(text_batch_size or (512 if on_gpu else 64), "text batch size")
-        self.image_batch_size = _positive(image_batch_size or (256 if on_gpu else 16), "image batch size")
-        self.threads = _positive(threads or min(32, os.cpu_count() or 1), "threads")
+        self.text_batch_size = _positive(text_batch_size, 512 if on_gpu else 64, "text batch size")
+        self.image_batch_size = _positive(image_batch_size, 256 if on_gpu else 16, "image batch size")
+        self.threads = _positive(threads, min(32, os.cpu_count() or 1), "threads")
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def load(
-        cls, spec: ModelSpec, *, device: str = "auto", precision: str = "auto", **options: Any
+        cls,
+        spec: ModelSpec,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        text_batch_size: int | None = None,
+        image_batch_size: int | None = None,
+        threads: int | None = None,
     ) -> Encoder:
-        """Load ``spec`` and fingerprint it. ``options`` are the batch sizes and ``threads``."""
+        """Load ``spec`` (safely, strictly) onto a device and fingerprint it."""
         runtime = resolve_runtime(device, precision)
         model, checkpoint = load_model(spec)
-        encoder = cls(model, runtime=runtime, **options)
+        encoder = cls(
+            model,
+            runtime=runtime,
+            text_batch_size=text_batch_size,
+            image_batch_size=image_batch_size,
+            threads=threads,
+        )
         encoder.source = checkpoint.info
         encoder.fingerprint = ModelFingerprint.compute(
             checkpoint_sha256=checkpoint.sha256,
@@ -131,7 +144,7 @@ class Encoder:
         Texts are tokenized a chunk ahead in a worker thread while the model runs, and sorted by
         length within each chunk so that every batch is padded only to its own longest text.
         """
-        size = _positive(batch_size or self.text_batch_size, "batch size")
+        size = _positive(batch_size, self.text_batch_size, "batch size")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
 
         def tokenize(start: int, stop: int) -> Callable[[], list[list[int]]]:
@@ -151,7 +164,7 @@ class Encoder:
         Images are decoded and resized in the thread pool one batch ahead of the model. A path
         that cannot be decoded raises ``InputError`` naming it.
         """
-        size = _positive(batch_size or self.image_batch_size, "batch size")
+        size = _positive(batch_size, self.image_batch_size, "batch size")
         out = np.empty((len(images), self.dim), dtype=np.float32)
 
         def prepare(start: int, stop: int) -> Callable[[], np.ndarray]:
@@ -226,7 +239,9 @@ def _ahead(total: int, size: int, start: Callable[[int, int], Callable[[], T]]) 
         yield offset, current()
 
 
-def _positive(value: int, what: str) -> int:
-    if value < 1:
-        raise ConfigError(f"{what} must be at least 1, got {value}")
-    return int(value)
+def _positive(value: int | None, default: int, what: str) -> int:
+    """``value`` (or ``default`` when None), refused unless it is at least 1."""
+    chosen = default if value is None else value
+    if chosen < 1:
+        raise ConfigError(f"{what} must be at least 1, got {chosen}")
+    return int(chosen)
