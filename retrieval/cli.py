@@ -151,6 +151,119 @@ def describe(encoder: Any) -> dict[str, Any]:
     }
 
 
+# -- index -------------------------------------------------------------------------------------
+
+
+class _Bar:
+    """tqdm progress for the library's ``Progress`` protocol (on stderr, rate and ETA)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def start(self, stage: str, total: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, desc=f"encoding {stage}", unit=stage[:-1] if stage.endswith("s") else stage
+            )
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@index_app.command("build")
+def index_build(
+    images: Annotated[Path | None, typer.Argument(help="Folder of images, walked recursively.")] = None,
+    captions: Annotated[
+        list[Path] | None,
+        typer.Option("--captions", help="Caption file (.txt/.csv/.tsv/.jsonl/.parquet); repeatable."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Index folder.")] = Path("indexes/default"),
+    checkpoint: CheckpointOpt = Path("checkpoints/best_checkpoint.pt"),
+    text_model: TextModelOpt = Path("models/bert-base-uncased"),
+    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per model batch.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Decoding processes (default: all cores but one)."),
+    ] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Start the index over (needed to change model).")
+    ] = False,
+    trust_checkpoint: TrustOpt = False,
+    as_json: Json = False,
+) -> None:
+    """Encode an image folder and caption files into the index folder (incremental, resumable)."""
+    from retrieval.encoder import ModelSpec
+    from retrieval.indexer import BuildConfig, build_index
+
+    config = BuildConfig(
+        out=out,
+        images=images,
+        captions=tuple(captions or ()),
+        model=ModelSpec(checkpoint, text_model, vision_model, trust_checkpoint=trust_checkpoint),
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        rebuild=rebuild,
+    )
+    report = build_index(
+        config, progress=_Bar(enabled=(not as_json and sys.stderr.isatty()) or _force_bars())
+    )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    parts = []
+    for name, c in report.collections.items():
+        rate = f", {c.encoded / c.seconds:.1f}/s encoded" if c.encoded and c.seconds > 0 else ""
+        parts.append(
+            f"{name}: {c.indexed} indexed ({c.added} new: {c.encoded} encoded, {c.reused} reused; "
+            f"{c.deleted} removed), {c.skipped} skipped, {c.failed} failed{rate}"
+        )
+    typer.echo(f"{out}: " + "; ".join(parts) + f" in {report.seconds:.1f} s")
+
+
+def _force_bars() -> bool:
+    return os.environ.get("RETRIEVAL_PROGRESS") == "1"
+
+
+@index_app.command("info")
+def index_info(
+    folder: Annotated[Path, typer.Argument(help="Index folder.")] = Path("indexes/default"),
+    as_json: Json = False,
+) -> None:
+    """Describe an index folder: model, counts, failures."""
+    from retrieval.store import Store
+
+    with Store.open(folder) as store:
+        info = store.describe()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    fingerprint = info["model"].get("fingerprint", {}).get("digest", "")
+    typer.echo(f"{folder}  generation {info['generation']}  model {fingerprint[:16]}")
+    for name, c in info["collections"].items():
+        typer.echo(
+            f"  {name:<9} {c['indexed']} indexed, {c['skipped']} skipped, {c['failed']} failed "
+            f"({c['shards']} shards, {c['deleted']} deleted rows)"
+        )
+        for f in c["failures"][:20]:
+            typer.echo(f"    failed  {f['source']}: {f['reason']}")
+        if len(c["failures"]) > 20:
+            typer.echo(f"    ... {len(c['failures']) - 20} more (--json lists all)")
+
+
 # -- entry points ------------------------------------------------------------------------------
 
 

@@ -156,6 +156,15 @@ class Encoder:
                     out[start + batch.positions] = self._to_numpy(self.model.encode_text(batch.inputs()))
         return out
 
+    def encode_text_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None) -> np.ndarray:
+        """Token ids as ``text_batcher.tokenize`` makes them -> float32 (n, D), in input order."""
+        size = _positive(batch_size, self.text_batch_size, "batch size")
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        with self._inference():
+            for batch in self.text_batcher.batches_from_ids(ids, size):
+                out[batch.positions] = self._to_numpy(self.model.encode_text(batch.inputs()))
+        return out
+
     # -- images -------------------------------------------------------------------------------
 
     def encode_images(self, images: Sequence[ImageInput], batch_size: int | None = None) -> np.ndarray:

@@ -8,9 +8,11 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "IndexMismatchError",
     "InputError",
     "ModelError",
     "RetrievalError",
+    "StoreError",
 ]
 
 
@@ -32,3 +34,11 @@ class CheckpointError(RetrievalError):
 
 class InputError(RetrievalError):
     """A user input (image, caption, file) cannot be used."""
+
+
+class StoreError(RetrievalError):
+    """An index folder is missing, locked, damaged, or was altered after it was written."""
+
+
+class IndexMismatchError(StoreError):
+    """An index folder holds vectors of another model (a different fingerprint)."""

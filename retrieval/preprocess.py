@@ -139,17 +139,29 @@ class TextBatcher:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, with special tokens, truncated to ``max_length``."""
+        return self.tokenize_flagged(texts)[0]
+
+    def tokenize_flagged(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids as ``tokenize`` makes them, and which texts were truncated (bool (n,)).
+
+        Texts are tokenized whole and cut here: the result equals ``truncation=True`` for a
+        single sequence (the last special token is kept), and the cut is known.
+        """
         if not texts:
-            return []
+            return [], np.zeros(0, dtype=bool)
         encoded = self.tokenizer(
             list(texts),
-            truncation=True,
-            max_length=self.max_length,
+            truncation=False,
             padding=False,
             return_attention_mask=False,
             return_token_type_ids=False,
+            verbose=False,
         )
-        return list(encoded["input_ids"])
+        ids = list(encoded["input_ids"])
+        truncated = np.fromiter((len(t) > self.max_length for t in ids), dtype=bool, count=len(ids))
+        for i in np.flatnonzero(truncated):
+            ids[i] = [*ids[i][: self.max_length - 1], ids[i][-1]]
+        return ids, truncated
 
     def batches(self, texts: Sequence[str], batch_size: int) -> Iterator[TextBatch]:
         """Tokenize ``texts`` and batch them by length (see ``batches_from_ids``)."""

@@ -203,3 +203,13 @@ def test_cuda_matches_cpu(checkpoint: Path, towers: tuple[Path, Path], images: l
             assert auto.runtime.precision in ("bf16", "fp16")
             assert row_cosines(auto.encode_images(images), cpu.encode_images(images)).min() > 0.99
             assert row_cosines(auto.encode_texts(TEXTS), cpu.encode_texts(TEXTS)).min() > 0.99
+
+
+def test_truncation_equals_the_tokenizers_and_is_flagged(encoder: Encoder) -> None:
+    texts = ["a dog", " ".join(["walking"] * 200), "the cat " * 40]
+    ids, truncated = encoder.text_batcher.tokenize_flagged(texts)
+    limit = encoder.text_batcher.max_length
+    reference = encoder.model.text_tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+    assert ids == [list(r) for r in reference]
+    assert truncated.tolist() == [False, True, True]
+    np.testing.assert_allclose(encoder.encode_text_ids(ids), encoder.encode_texts(texts), atol=1e-6)

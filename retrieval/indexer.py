@@ -1,0 +1,643 @@
+"""``build_index``: an image folder and caption files -> a committed store of embedding shards.
+
+The runner joins three stages: the reader (``reader.read_images``, worker processes), the model
+(``Encoder``) and the writer (``Store``). Work is planned against what the store already holds:
+
+- a file whose size and mtime match its row is left alone; a new or changed one is encoded; a
+  removed or changed one has its old row deleted from search;
+- content already indexed (a moved or duplicate file, a repeated caption) reuses its vector;
+- the plan is cut into shards of consecutive items; ids are ``next_id + position in the plan``
+  and shards are committed in plan order, one manifest commit each, so a build killed at any
+  moment redoes at most the shard in flight and ends with the same ids as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from retrieval.encoder import Encoder, ModelSpec
+from retrieval.errors import ConfigError, InputError
+from retrieval.imaging import DEFAULT_MAX_PIXELS
+from retrieval.reader import read_images
+from retrieval.sources import (
+    CAPTION_FORMATS,
+    CaptionRecord,
+    ImageFile,
+    Outcome,
+    SidecarFile,
+    read_caption_file,
+    read_sidecar,
+    walk_images,
+)
+from retrieval.store import (
+    SCHEMA_VERSION,
+    CollectionState,
+    FileRef,
+    Manifest,
+    Store,
+    check_vectors,
+    embedding_array,
+    embedding_matrix,
+)
+
+__all__ = ["BuildConfig", "BuildReport", "CollectionReport", "Progress", "build_index"]
+
+
+class Progress(Protocol):
+    """Where a long build reports how far it is (the CLI draws a bar; the library prints nothing)."""
+
+    def start(self, stage: str, total: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class _Silent:
+    def start(self, stage: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What ``index build`` does: inputs, output folder, model and how to run it."""
+
+    out: Path = Path("indexes/default")
+    images: Path | None = None
+    captions: tuple[Path, ...] = ()
+    model: ModelSpec = field(default_factory=ModelSpec)
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None  # decode processes; default: all cores but one (at least one)
+    rebuild: bool = False
+    image_shard_rows: int = 4096
+    caption_shard_rows: int = 16384
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class CollectionReport:
+    """One collection after a build. ``indexed + skipped + failed`` is every input seen."""
+
+    indexed: int
+    skipped: int
+    failed: int
+    added: int  # rows written by this build
+    encoded: int  # of those, how many went through the model
+    reused: int  # of those, how many took the vector of identical content already indexed
+    deleted: int  # rows removed from search (inputs gone or changed)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    out: Path
+    fingerprint: str
+    collections: dict[str, CollectionReport]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "fingerprint": self.fingerprint,
+            "seconds": round(self.seconds, 3),
+            "collections": {
+                k: vars(v) | {"seconds": round(v.seconds, 3)} for k, v in self.collections.items()
+            },
+        }
+
+
+@dataclass
+class _Row:
+    """A row waiting for its shard: everything but the id, which its plan position decides."""
+
+    fields: dict[str, Any]
+    vector: np.ndarray | None = None
+
+
+@dataclass
+class _Shard:
+    start: int  # first plan position
+    size: int
+    rows: dict[int, _Row] = field(default_factory=dict)
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.outcomes) + sum(r.vector is not None for r in self.rows.values()) == self.size
+
+
+def build_index(
+    config: BuildConfig, progress: Progress | None = None, encoder: Encoder | None = None
+) -> BuildReport:
+    """Encode ``config.images`` and ``config.captions`` into the store at ``config.out``.
+
+    ``encoder`` may be passed in (already loaded); otherwise ``config.model`` is loaded.
+    """
+    if config.images is None and not config.captions:
+        raise ConfigError("nothing to index: give an image folder, --captions files, or both")
+    for path in config.captions:
+        if not path.is_file():
+            raise InputError(f"caption file {path} does not exist")
+        if path.suffix.lower() not in CAPTION_FORMATS:
+            raise InputError(f"{path}: unsupported caption format (use {', '.join(sorted(CAPTION_FORMATS))})")
+    if config.images is not None and not config.images.is_dir():
+        raise InputError(f"image folder {config.images} does not exist or is not a folder")
+    for value, what in (
+        (config.image_shard_rows, "image shard rows"),
+        (config.caption_shard_rows, "caption shard rows"),
+    ):
+        if value < 1:
+            raise ConfigError(f"{what} must be at least 1")
+    started = time.perf_counter()
+    with Store.open(config.out, write=True) as store:
+        own_encoder = encoder is None
+        if encoder is None:
+            encoder = Encoder.load(
+                config.model,
+                device=config.device,
+                precision=config.precision,
+                image_batch_size=config.batch_size,
+            )
+        try:
+            builder = _Builder(store, encoder, config, progress or _Silent())
+            collections = builder.run()
+        finally:
+            if own_encoder:
+                encoder.close()
+        return BuildReport(config.out, builder.fingerprint.digest, collections, time.perf_counter() - started)
+
+
+class _Builder:
+    def __init__(self, store: Store, encoder: Encoder, config: BuildConfig, progress: Progress) -> None:
+        if encoder.fingerprint is None:
+            raise ConfigError("the encoder has no model fingerprint: load it with Encoder.load")
+        self.store = store
+        self.encoder = encoder
+        self.config = config
+        self.progress = progress
+        self.fingerprint = encoder.fingerprint
+        if not config.rebuild:
+            store.check_model(self.fingerprint.digest)
+        spec = config.model
+        self.manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            generation=store.manifest.generation if store.manifest else 0,
+            model={
+                "checkpoint": str(spec.checkpoint.resolve()),
+                "text_model": str(spec.text_model.resolve()),
+                "vision_model": str(spec.vision_model.resolve()),
+                "fingerprint": self.fingerprint.to_dict(),
+            },
+            collections=dict(store.manifest.collections) if store.manifest else {},
+        )
+        if config.rebuild and store.manifest is not None:
+            # Start over from an empty commit; the old files go with the next clean-up.
+            self.manifest = store.commit(
+                replace(self.manifest, generation=self.manifest.generation + 1, collections={})
+            )
+        self.dim = encoder.dim
+
+    # -- shared machinery ------------------------------------------------------------------------
+
+    def run(self) -> dict[str, CollectionReport]:
+        reports: dict[str, CollectionReport] = {}
+        sidecars: list[SidecarFile] = []
+        if self.config.images is not None:
+            reports["images"], sidecars = self._images(self.config.images)
+        if self.config.captions or sidecars or "captions" in self.manifest.collections:
+            reports["captions"] = self._captions(sidecars)
+        return reports
+
+    def _state(self, collection: str) -> CollectionState:
+        return self.manifest.collections.get(collection, CollectionState())
+
+    def _commit(self, collection: str, state: CollectionState) -> None:
+        collections = {**self.manifest.collections, collection: state}
+        self.manifest = self.store.commit(
+            replace(self.manifest, generation=self.manifest.generation + 1, collections=collections)
+        )
+
+    def _live_rows(
+        self, collection: str, columns: Sequence[str]
+    ) -> tuple[pa.Table, list[tuple[FileRef, int]]]:
+        """Live rows (deleted ones dropped) of ``columns``, and where each row lives."""
+        if collection not in self.manifest.collections:
+            return pa.table({c: [] for c in columns}), []
+        deleted = self.store.deleted_ids(collection)
+        tables: list[pa.Table] = []
+        places: list[tuple[FileRef, int]] = []
+        for ref, table in self.store.iter_shards(collection, ["id", *(c for c in columns if c != "id")]):
+            keep = ~np.isin(table.column("id").to_numpy(), deleted)
+            tables.append(table.filter(pa.array(keep)).select(list(columns)))
+            places.extend((ref, int(i)) for i in np.flatnonzero(keep))
+        return (pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})), places
+
+    def _vector_at(self, place: tuple[FileRef, int], cache: dict[str, np.ndarray]) -> np.ndarray:
+        ref, row = place
+        if ref.file not in cache:
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[ref.file] = embedding_matrix(
+                self.store.read_table(ref, ["embedding"]).column("embedding"), self.dim
+            )
+        return cache[ref.file][row]
+
+    def _delete(self, collection: str, ids: Iterable[int], outcomes: list[Outcome]) -> None:
+        """Commit deletions (and the carried-over outcomes) before any new shard."""
+        state = self._state(collection)
+        new = np.fromiter(ids, dtype=np.int64)
+        generation = self.manifest.generation + 1
+        deleted = state.deleted
+        if len(new):
+            all_ids = np.union1d(self.store.deleted_ids(collection), new)
+            deleted = self.store.write_table(
+                f"{collection}/deleted-g{generation:06d}.parquet", pa.table({"id": all_ids})
+            )
+        out = self.store.write_outcomes(f"{collection}/outcomes-g{generation:06d}.jsonl", outcomes)
+        self._commit(
+            collection,
+            replace(state, deleted=deleted, outcomes=out, counts=_counts(state, outcomes, 0, len(new))),
+        )
+
+    def _write_shard(
+        self,
+        collection: str,
+        shard: _Shard,
+        base_id: int,
+        outcomes: list[Outcome],
+        make_table: Callable[[list[int], list[_Row], np.ndarray], pa.Table],
+    ) -> None:
+        state = self._state(collection)
+        positions = sorted(shard.rows)
+        ids = [base_id + p for p in positions]
+        rows = [shard.rows[p] for p in positions]
+        generation = self.manifest.generation + 1
+        shards = state.shards
+        if rows:
+            vectors = np.stack([r.vector for r in rows if r.vector is not None]).astype(
+                np.float32, copy=False
+            )
+            check_vectors(vectors, self.dim)
+            table = make_table(ids, rows, vectors)
+            metadata = {
+                b"retrieval.schema_version": str(SCHEMA_VERSION).encode(),
+                b"retrieval.collection": collection.encode(),
+                b"retrieval.fingerprint": json.dumps(self.fingerprint.to_dict()).encode(),
+            }
+            table = table.replace_schema_metadata(metadata)
+            shards = (
+                *shards,
+                self.store.write_table(f"{collection}/shard-{base_id + shard.start:012d}.parquet", table),
+            )
+        new_outcomes = [shard.outcomes[p] for p in sorted(shard.outcomes)]
+        outcomes.extend(new_outcomes)
+        out = state.outcomes
+        if new_outcomes or out is None:
+            out = self.store.write_outcomes(f"{collection}/outcomes-g{generation:06d}.jsonl", outcomes)
+        counts = _counts(state, outcomes, len(rows), 0)
+        self._commit(
+            collection,
+            replace(
+                state, shards=shards, next_id=base_id + shard.start + shard.size, outcomes=out, counts=counts
+            ),
+        )
+
+    # -- images ------------------------------------------------------------------------------------
+
+    def _images(self, root: Path) -> tuple[CollectionReport, list[SidecarFile]]:
+        started = time.perf_counter()
+        walked = list(walk_images(root))
+        files = [w for w in walked if isinstance(w, ImageFile)]
+        sidecars = [w for w in walked if isinstance(w, SidecarFile)]
+        outcomes = [w for w in walked if isinstance(w, Outcome)]
+
+        state = self._state("images")
+        root_text = str(root.resolve())
+        live, places = self._live_rows("images", ["id", "path", "sha256", "size", "mtime_ns"])
+        stored_outcomes = self.store.outcomes("images")
+        previous = {o.source: o for o in stored_outcomes if o.stage != "walk"}
+        current: dict[str, tuple[int, int, int]] = {}
+        if state.root == root_text:  # rows of another root are all stale
+            current = {
+                p: (i, s, m)
+                for i, p, s, m in zip(
+                    *(live.column(c).to_pylist() for c in ("id", "path", "size", "mtime_ns")), strict=True
+                )
+            }
+        reuse = {sha: places[k] for k, sha in enumerate(live.column("sha256").to_pylist())}
+
+        plan: list[ImageFile] = []
+        stale: list[int] = (
+            [int(i) for i in live.column("id").to_pylist()] if state.root not in (None, root_text) else []
+        )
+        seen = set()
+        for f in files:
+            seen.add(f.path)
+            row = current.get(f.path)
+            if row is not None and (row[1], row[2]) == (f.size, f.mtime_ns):
+                continue
+            if row is not None:
+                stale.append(row[0])
+            before = previous.get(f.path)
+            if before is not None and (before.size, before.mtime_ns) == (f.size, f.mtime_ns):
+                outcomes.append(before)  # unchanged since it failed: not retried
+                continue
+            plan.append(f)
+        stale.extend(i for p, (i, _, _) in current.items() if p not in seen)
+
+        if (
+            stale
+            or state.root != root_text
+            or state.outcomes is None
+            or set(outcomes) != set(stored_outcomes)
+        ):
+            self.manifest = replace(
+                self.manifest,
+                collections={**self.manifest.collections, "images": replace(state, root=root_text)},
+            )
+            self._delete("images", stale, outcomes)
+
+        encoded, reused = self._encode_images(root, plan, reuse, outcomes)
+        report = _report(
+            self._state("images"),
+            encoded + reused,
+            encoded,
+            reused,
+            len(stale),
+            time.perf_counter() - started,
+        )
+        return report, sidecars
+
+    def _encode_images(
+        self,
+        root: Path,
+        plan: list[ImageFile],
+        reuse: dict[str, tuple[FileRef, int]],
+        outcomes: list[Outcome],
+    ) -> tuple[int, int]:
+        if not plan:
+            return 0, 0
+        size = self.config.image_shard_rows
+        base_id = self._state("images").next_id
+        shards = {
+            k: _Shard(k * size, min(size, len(plan) - k * size))
+            for k in range((len(plan) + size - 1) // size)
+        }
+        next_shard = 0
+        batch_rows: list[_Row] = []
+        batch_pixels: list[torch.Tensor] = []
+        cache: dict[str, np.ndarray] = {}
+        encoded = reused = 0
+        workers = (
+            self.config.workers if self.config.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+        )
+        batch_size = self.encoder.image_batch_size
+        self.progress.start("images", len(plan))
+
+        def flush() -> None:
+            nonlocal encoded
+            if batch_rows:
+                vectors = self.encoder.encode_pixels(torch.cat(batch_pixels).numpy())
+                for row, vector in zip(batch_rows, vectors, strict=True):
+                    row.vector = vector
+                encoded += len(batch_rows)
+                self.progress.advance(len(batch_rows))
+                batch_rows.clear()
+                batch_pixels.clear()
+
+        def commit_ready() -> None:
+            nonlocal next_shard
+            while next_shard in shards and shards[next_shard].complete:
+                self._write_shard("images", shards.pop(next_shard), base_id, outcomes, _image_table)
+                next_shard += 1
+
+        for group in read_images(
+            root, plan, self.encoder.preprocess, workers=workers, max_pixels=self.config.max_pixels
+        ):
+            for index, outcome in group.failures:
+                shards[index // size].outcomes[index] = outcome
+                self.progress.advance(1)
+            for k, image in enumerate(group.images):
+                file = plan[image.index]
+                row = _Row(
+                    {
+                        "path": file.path,
+                        "sha256": image.sha256,
+                        "size": file.size,
+                        "mtime_ns": file.mtime_ns,
+                        "width": image.width,
+                        "height": image.height,
+                        "flags": ["reduced_on_load"] if image.reduced else [],
+                    }
+                )
+                shards[image.index // size].rows[image.index] = row
+                if image.sha256 in reuse:
+                    row.vector = self._vector_at(reuse[image.sha256], cache)
+                    reused += 1
+                    self.progress.advance(1)
+                else:
+                    batch_rows.append(row)
+                    batch_pixels.append(group.pixels[k : k + 1])
+            if len(batch_rows) >= batch_size:
+                flush()
+            commit_ready()
+        flush()
+        commit_ready()
+        self.progress.finish()
+        return encoded, reused
+
+    # -- captions ----------------------------------------------------------------------------------
+
+    def _captions(self, sidecars: list[SidecarFile]) -> CollectionReport:
+        started = time.perf_counter()
+        state = self._state("captions")
+        live, places = self._live_rows("captions", ["id", "source", "sha256", "size", "mtime_ns"])
+        old_outcomes = self.store.outcomes("captions")
+        recorded: dict[str, tuple[int, int]] = {}
+        ids_of: dict[str, list[int]] = {}
+        for i, source, size, mtime in zip(
+            *(live.column(c).to_pylist() for c in ("id", "source", "size", "mtime_ns")), strict=True
+        ):
+            recorded[source] = (size, mtime)
+            ids_of.setdefault(source, []).append(i)
+        for o in old_outcomes:
+            if o.size is not None and o.mtime_ns is not None:
+                recorded.setdefault(o.parent or o.source, (o.size, o.mtime_ns))
+        reuse = {sha: places[k] for k, sha in enumerate(live.column("sha256").to_pylist())}
+
+        images_root = Path(self.config.images) if self.config.images is not None else None
+        sources: list[tuple[str, Path, str | None]] = (
+            [(s.path, images_root / s.path, s.image) for s in sidecars] if images_root else []
+        )
+        sources += [(str(p.resolve()), p, None) for p in self.config.captions]
+        outcomes: list[Outcome] = []
+        plan: list[tuple[CaptionRecord, int, int]] = []
+        stale: list[int] = []
+        present = set()
+        for source, path, image in sources:
+            present.add(source)
+            try:
+                info = path.stat()
+            except OSError as e:
+                outcomes.append(
+                    Outcome(source, "failed", "read", f"cannot read: {e.strerror or e}", parent=source)
+                )
+                stale.extend(ids_of.get(source, []))
+                continue
+            stats = (info.st_size, info.st_mtime_ns)
+            if recorded.get(source) == stats:
+                outcomes.extend(o for o in old_outcomes if (o.parent or o.source) == source)
+                continue
+            stale.extend(ids_of.get(source, []))
+            records = (
+                [read_sidecar(path, source, image)] if image is not None else read_caption_file(path, source)
+            )
+            for record in records:
+                if isinstance(record, Outcome):
+                    outcomes.append(replace(record, size=stats[0], mtime_ns=stats[1], parent=source))
+                else:
+                    plan.append((record, *stats))
+        if images_root is None:  # sidecars belong to the image folder, which this build leaves alone
+            present.update(source for source in ids_of if not Path(source).is_absolute())
+        stale.extend(i for source, ids in ids_of.items() if source not in present for i in ids)
+
+        if stale or state.outcomes is None or set(outcomes) != set(old_outcomes):
+            self._delete("captions", stale, outcomes)
+        encoded, reused = self._encode_captions(plan, reuse, outcomes)
+        return _report(
+            self._state("captions"),
+            encoded + reused,
+            encoded,
+            reused,
+            len(stale),
+            time.perf_counter() - started,
+        )
+
+    def _encode_captions(
+        self,
+        plan: list[tuple[CaptionRecord, int, int]],
+        reuse: dict[str, tuple[FileRef, int]],
+        outcomes: list[Outcome],
+    ) -> tuple[int, int]:
+        if not plan:
+            return 0, 0
+        size = self.config.caption_shard_rows
+        base_id = self._state("captions").next_id
+        cache: dict[str, np.ndarray] = {}
+        encoded = reused = 0
+        self.progress.start("captions", len(plan))
+        for start in range(0, len(plan), size):
+            chunk = plan[start : start + size]
+            shard = _Shard(start, len(chunk))
+            texts = [record.text for record, _, _ in chunk]
+            hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+            todo = [k for k, h in enumerate(hashes) if h not in reuse]
+            ids, truncated = self.encoder.text_batcher.tokenize_flagged([texts[k] for k in todo])
+            vectors = self.encoder.encode_text_ids(ids)
+            fresh = dict(zip(todo, zip(vectors, truncated, strict=True), strict=True))
+            for k, (record, size_, mtime) in enumerate(chunk):
+                vector, cut = fresh[k] if k in fresh else (self._vector_at(reuse[hashes[k]], cache), False)
+                shard.rows[start + k] = _Row(
+                    {
+                        "text": record.text,
+                        "source": record.source,
+                        "row": record.row,
+                        "image": record.image,
+                        "sha256": hashes[k],
+                        "size": size_,
+                        "mtime_ns": mtime,
+                        "flags": ["truncated"] if cut else [],
+                        "metadata": json.dumps(
+                            record.metadata, sort_keys=True, ensure_ascii=False, default=str
+                        ),
+                    },
+                    vector,
+                )
+            encoded += len(todo)
+            reused += len(chunk) - len(todo)
+            self._write_shard("captions", shard, base_id, outcomes, _caption_table)
+            self.progress.advance(len(chunk))
+        self.progress.finish()
+        return encoded, reused
+
+
+def _image_table(ids: list[int], rows: list[_Row], vectors: np.ndarray) -> pa.Table:
+    column = _columns(rows)
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "path": pa.array(column["path"], pa.string()),
+            "sha256": pa.array(column["sha256"], pa.string()),
+            "size": pa.array(column["size"], pa.int64()),
+            "mtime_ns": pa.array(column["mtime_ns"], pa.int64()),
+            "width": pa.array(column["width"], pa.int32()),
+            "height": pa.array(column["height"], pa.int32()),
+            "flags": pa.array(column["flags"], pa.list_(pa.string())),
+            "embedding": embedding_array(vectors),
+        }
+    )
+
+
+def _caption_table(ids: list[int], rows: list[_Row], vectors: np.ndarray) -> pa.Table:
+    column = _columns(rows)
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "text": pa.array(column["text"], pa.string()),
+            "source": pa.array(column["source"], pa.string()),
+            "row": pa.array(column["row"], pa.int64()),
+            "image": pa.array(column["image"], pa.string()),
+            "sha256": pa.array(column["sha256"], pa.string()),
+            "size": pa.array(column["size"], pa.int64()),
+            "mtime_ns": pa.array(column["mtime_ns"], pa.int64()),
+            "flags": pa.array(column["flags"], pa.list_(pa.string())),
+            "metadata": pa.array(column["metadata"], pa.string()),
+            "embedding": embedding_array(vectors),
+        }
+    )
+
+
+def _columns(rows: list[_Row]) -> dict[str, list[Any]]:
+    return {key: [r.fields[key] for r in rows] for key in rows[0].fields}
+
+
+def _counts(state: CollectionState, outcomes: list[Outcome], added: int, deleted: int) -> dict[str, int]:
+    indexed = state.counts.get("indexed", 0) + added - deleted
+    return {
+        "indexed": indexed,
+        "skipped": sum(o.status == "skipped" for o in outcomes),
+        "failed": sum(o.status == "failed" for o in outcomes),
+    }
+
+
+def _report(
+    state: CollectionState, added: int, encoded: int, reused: int, deleted: int, seconds: float
+) -> CollectionReport:
+    counts = state.counts
+    return CollectionReport(
+        indexed=counts.get("indexed", 0),
+        skipped=counts.get("skipped", 0),
+        failed=counts.get("failed", 0),
+        added=added,
+        encoded=encoded,
+        reused=reused,
+        deleted=deleted,
+        seconds=seconds,
+    )

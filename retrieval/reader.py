@@ -1,0 +1,165 @@
+"""The reader stage: image files -> preprocessed uint8 pixels, in parallel worker processes.
+
+Each worker decodes a small group of images (``group`` files) and returns them as one
+``DecodedGroup``; groups complete out of order, so a slow file (a 169-megapixel PNG takes seconds)
+holds back only its own group while the other workers keep the model fed. Every file ends as
+pixels or as an ``Outcome`` with the reason: a bad file never costs its neighbours.
+
+Big JPEGs are decoded at a reduced scale (libjpeg's DCT scaling, ``Image.draft``) when the image
+is at least twice the model's input in both sides after reduction, which keeps the result within
+the reference path's tolerance while decoding several times faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from retrieval.imaging import DEFAULT_MAX_PIXELS, to_rgb
+from retrieval.preprocess import ImagePreprocess
+from retrieval.sources import ImageFile, Outcome
+
+__all__ = ["DecodedGroup", "DecodedImage", "decode_file", "read_images"]
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One decoded file: its plan index, content hash, original size."""
+
+    index: int
+    sha256: str
+    width: int
+    height: int
+    reduced: bool  # decoded at a reduced scale (big JPEG)
+
+
+@dataclass(frozen=True)
+class DecodedGroup:
+    """What a worker returns for a group of files: successes, their pixels stacked, failures.
+
+    ``pixels`` is a tensor so that it crosses from the worker in shared memory, not pickled.
+    """
+
+    images: list[DecodedImage]
+    pixels: torch.Tensor  # uint8 (len(images), H, W, 3)
+    failures: list[tuple[int, Outcome]]
+
+
+def decode_file(
+    path: Path, preprocess: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[str, int, int, np.ndarray, bool]:
+    """Read, hash and decode one file -> (sha256, width, height, pixels (H, W, 3) uint8, reduced).
+
+    Raises ``ValueError`` (or an ``OSError``) with a readable reason for anything unusable.
+    """
+    data = path.read_bytes()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    digest = hashlib.sha256(data).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pixel limit is ours; Pillow's warnings are noise here
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:  # declared size beyond Pillow's own hard limit
+            raise ValueError(f"too many pixels (decompression bomb?): {str(e).split(', could')[0]}") from e
+        except UnidentifiedImageError as e:
+            raise ValueError("not an image in a known format") from e
+        except Exception as e:
+            raise ValueError(f"not a readable image: {e}") from e
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ValueError(f"{width}x{height} exceeds the {max_pixels:,}-pixel limit")
+        reduced = False
+        if image.format == "JPEG" and preprocess.do_resize:
+            wanted = (2 * preprocess.width, 2 * preprocess.height)
+            if width >= 2 * wanted[0] and height >= 2 * wanted[1]:
+                image.draft("RGB", wanted)
+                reduced = image.size != (width, height)
+        try:
+            image.seek(0)
+            image.load()
+        except Exception as e:
+            raise ValueError(f"cannot decode: {e}") from e
+        upright = ImageOps.exif_transpose(image)
+        rgb = to_rgb(upright if upright is not None else image)
+    if not preprocess.do_resize and rgb.size != (preprocess.width, preprocess.height):
+        raise ValueError(
+            f"is {rgb.size[0]}x{rgb.size[1]}, the model takes {preprocess.width}x{preprocess.height}"
+        )
+    return digest, width, height, preprocess.to_pixels(rgb), reduced
+
+
+class _GroupDataset(Dataset[DecodedGroup]):
+    """Item ``g`` is the ``g``-th group of ``group`` consecutive files of the plan."""
+
+    def __init__(
+        self, root: Path, files: Sequence[ImageFile], preprocess: ImagePreprocess, max_pixels: int, group: int
+    ) -> None:
+        self.root = root
+        self.files = files
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+        self.group = group
+
+    def __len__(self) -> int:
+        return (len(self.files) + self.group - 1) // self.group
+
+    def __getitem__(self, g: int) -> DecodedGroup:
+        images, arrays, failures = [], [], []
+        for index in range(g * self.group, min((g + 1) * self.group, len(self.files))):
+            file = self.files[index]
+            try:
+                sha, width, height, pixels, reduced = decode_file(
+                    self.root / file.path, self.preprocess, self.max_pixels
+                )
+            except Exception as e:  # per-file isolation: any decoder error is this file's outcome
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                failures.append(
+                    (index, Outcome(file.path, "failed", "decode", reason, file.size, file.mtime_ns))
+                )
+                continue
+            images.append(DecodedImage(index, sha, width, height, reduced))
+            arrays.append(pixels)
+        shape = (0, self.preprocess.height, self.preprocess.width, 3)
+        stacked = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape, dtype=torch.uint8)
+        return DecodedGroup(images, stacked, failures)
+
+
+def _keep(group: Any) -> Any:
+    return group
+
+
+def read_images(
+    root: Path,
+    files: Sequence[ImageFile],
+    preprocess: ImagePreprocess,
+    *,
+    workers: int,
+    group: int = 8,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[DecodedGroup]:
+    """Decode ``files`` (relative to ``root``) in ``workers`` processes, groups in completion order.
+
+    ``workers=0`` decodes in this process, in order (for tests and debugging).
+    """
+    dataset = _GroupDataset(root, files, preprocess, max_pixels, group)
+    if len(dataset) == 0:
+        return
+    if workers == 0:
+        yield from (dataset[g] for g in range(len(dataset)))
+        return
+    # in_order=False: a group that takes long does not hold back the groups behind it.
+    loader: DataLoader[DecodedGroup] = DataLoader(
+        dataset, batch_size=None, num_workers=workers, collate_fn=_keep, prefetch_factor=4, in_order=False
+    )
+    yield from loader

@@ -1,0 +1,260 @@
+"""Finding inputs: image folders walked safely, caption files read row by row.
+
+Every input becomes either a record to index or an ``Outcome`` that says why it was skipped or
+failed: nothing is dropped silently.
+
+The image walk is deterministic (sorted names), stays inside the root (a symlink may point
+anywhere inside it, never outside), visits each directory once (no cycles) and yields only
+regular files, so a FIFO named ``x.jpg`` cannot hang it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+
+from retrieval.errors import InputError
+
+__all__ = [
+    "CAPTION_FORMATS",
+    "IMAGE_EXTENSIONS",
+    "CaptionRecord",
+    "ImageFile",
+    "Outcome",
+    "SidecarFile",
+    "read_caption_file",
+    "read_sidecar",
+    "walk_images",
+]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+CAPTION_FORMATS = frozenset({".txt", ".csv", ".tsv", ".jsonl", ".parquet"})
+_TEXT_COLUMNS = ("caption", "text")
+_IMAGE_COLUMNS = ("image", "path", "file", "filename")
+
+Status = Literal["indexed", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Why an input was not indexed: ``status`` is skipped or failed, ``stage`` where it happened."""
+
+    source: str
+    status: Status
+    stage: str
+    reason: str
+    size: int | None = None
+    mtime_ns: int | None = None
+    parent: str | None = None  # for a caption row: the file it belongs to
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """A regular image file under the root: its path relative to the root (POSIX) and stats."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class SidecarFile:
+    """``<stem>.txt`` beside an image: that image's caption file."""
+
+    path: str
+    image: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One caption: where it came from (file and row), its text and the row's other columns."""
+
+    source: str
+    row: int
+    text: str
+    image: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def walk_images(root: Path) -> Iterator[ImageFile | SidecarFile | Outcome]:
+    """Image files under ``root`` in sorted order, their sidecar captions, and outcomes for
+    what cannot be walked."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"image folder {root} does not exist or is not a folder")
+    real_root = root.resolve()
+    seen: set[tuple[int, int]] = set()
+    yield from _walk(real_root, real_root, "", seen)
+
+
+def _walk(
+    real_root: Path, folder: Path, prefix: str, seen: set[tuple[int, int]]
+) -> Iterator[ImageFile | SidecarFile | Outcome]:
+    try:
+        info = folder.stat()
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            yield Outcome(
+                prefix.rstrip("/") or ".", "skipped", "walk", "folder already visited (symlink cycle)"
+            )
+            return
+        seen.add(key)
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        yield Outcome(prefix.rstrip("/") or ".", "failed", "walk", f"cannot list folder: {e.strerror or e}")
+        return
+    # A sidecar pairs with the first image (in name order) that shares its stem.
+    stems: dict[str, str] = {}
+    for name in names:
+        if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            stems.setdefault(Path(name).stem, prefix + name)
+    for name in names:
+        rel = prefix + name
+        path = folder / name
+        suffix = Path(name).suffix.lower()
+        try:
+            is_link = path.is_symlink()
+            target = path.resolve(strict=True) if is_link else path
+            if is_link and not target.is_relative_to(real_root):
+                if suffix in IMAGE_EXTENSIONS or target.is_dir():
+                    yield Outcome(rel, "skipped", "walk", "symlink points outside the root")
+                continue
+            info = target.stat()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
+            if suffix in IMAGE_EXTENSIONS or path.is_symlink():
+                why = "broken symlink or symlink loop" if path.is_symlink() else f"cannot stat: {e}"
+                yield Outcome(rel, "skipped", "walk", why)
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            yield from _walk(real_root, target, rel + "/", seen)
+        elif suffix in IMAGE_EXTENSIONS:
+            if stat.S_ISREG(info.st_mode):
+                yield ImageFile(rel, info.st_size, info.st_mtime_ns)
+            else:
+                yield Outcome(rel, "skipped", "walk", "not a regular file")
+        elif suffix == ".txt" and Path(name).stem in stems and stat.S_ISREG(info.st_mode):
+            yield SidecarFile(rel, stems[Path(name).stem], info.st_size, info.st_mtime_ns)
+
+
+def read_sidecar(path: Path, source: str, image: str) -> CaptionRecord | Outcome:
+    """An image's ``<stem>.txt``: the whole file, whitespace-normalized, is its caption."""
+    try:
+        text = _decode(path.read_bytes())
+    except OSError as e:
+        return Outcome(source, "failed", "read", f"cannot read: {e.strerror or e}")
+    except UnicodeDecodeError as e:
+        return Outcome(source, "failed", "read", f"not valid UTF-8 (byte {e.start})")
+    text = " ".join(text.split())
+    if not text:
+        return Outcome(source, "skipped", "read", "empty caption")
+    return CaptionRecord(source, 0, text, image=image)
+
+
+def read_caption_file(path: Path, source: str | None = None) -> Iterator[CaptionRecord | Outcome]:
+    """Captions of a ``.txt`` (a line each), ``.csv``/``.tsv``/``.jsonl``/``.parquet`` file.
+
+    Table formats need a ``caption`` or ``text`` column; an ``image`` (or ``path``/``file``)
+    column pairs a caption with an image; all other columns are kept as metadata. A row that is
+    empty or not valid UTF-8 becomes an ``Outcome``; a file that cannot be read raises
+    ``InputError``. ``row`` counts from 0 over data rows (lines for ``.txt``).
+    """
+    path = Path(path)
+    source = source or str(path)
+    suffix = path.suffix.lower()
+    if suffix not in CAPTION_FORMATS:
+        raise InputError(
+            f"{path}: unsupported caption format {suffix!r} (use {', '.join(sorted(CAPTION_FORMATS))})"
+        )
+    if suffix == ".parquet":
+        yield from _parquet_rows(path, source)
+        return
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read caption file {path}: {e.strerror or e}") from e
+    # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file.
+    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    if suffix == ".txt":
+        rows: Iterator[dict[str, Any]] = ({"caption": line} for line in text.splitlines())
+    elif suffix == ".jsonl":
+        rows = _jsonl_rows(text, path)
+    else:
+        rows = _csv_rows(text, "\t" if suffix == ".tsv" else ",", path)
+    for index, row in enumerate(rows):
+        yield _record(row, source, index)
+
+
+def _csv_rows(text: str, delimiter: str, path: Path) -> Iterator[dict[str, Any]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    _require_text_column(reader.fieldnames or [], path)
+    for row in reader:
+        yield {k: v for k, v in row.items() if k is not None}
+
+
+def _jsonl_rows(text: str, path: Path) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield {"__error__": f"line {number}: invalid JSON ({e.msg})"}
+            continue
+        yield value if isinstance(value, dict) else {"__error__": f"line {number}: not a JSON object"}
+
+
+def _parquet_rows(path: Path, source: str) -> Iterator[CaptionRecord | Outcome]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise InputError(f"cannot read caption file {path}: {e}") from e
+    _require_text_column(parquet.schema_arrow.names, path)
+    index = 0
+    for batch in parquet.iter_batches(batch_size=8192):
+        for row in batch.to_pylist():
+            yield _record(row, source, index)
+            index += 1
+
+
+def _require_text_column(columns: Sequence[str], path: Path) -> None:
+    if not any(c in columns for c in _TEXT_COLUMNS):
+        raise InputError(f"{path}: no 'caption' or 'text' column (columns: {', '.join(map(str, columns))})")
+
+
+def _record(row: dict[str, Any], source: str, index: int) -> CaptionRecord | Outcome:
+    where = f"{source}#{index}"
+    if "__error__" in row:
+        return Outcome(where, "failed", "read", row["__error__"])
+    column = next((c for c in _TEXT_COLUMNS if c in row), None)
+    value = row.get(column) if column else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return Outcome(where, "skipped", "read", "empty caption")
+    text = str(value)
+    if _has_bad_bytes(text):
+        return Outcome(where, "failed", "read", "caption is not valid UTF-8")
+    image_column = next((c for c in _IMAGE_COLUMNS if row.get(c)), None)
+    metadata = {k: v for k, v in row.items() if k != column and k != image_column}
+    bad_meta = [k for k, v in metadata.items() if isinstance(v, str) and _has_bad_bytes(v)]
+    for key in bad_meta:  # a damaged metadata field is dropped, the caption still counts
+        metadata[key] = None
+    image = str(row[image_column]) if image_column else None
+    return CaptionRecord(source, index, " ".join(text.split()), image=image, metadata=metadata)
+
+
+def _has_bad_bytes(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8").removeprefix("\ufeff")

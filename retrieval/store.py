@@ -1,0 +1,349 @@
+"""The index folder: Parquet shards per collection, committed by one manifest.
+
+Layout::
+
+    DIR/manifest.json                 the commit point: lists every file with sha256 and rows
+    DIR/images/shard-<first id>.parquet
+    DIR/images/deleted-g<gen>.parquet ids removed from search (files deleted or changed)
+    DIR/images/outcomes-g<gen>.jsonl  inputs skipped or failed, with the reason
+    DIR/captions/...                  the same for captions
+    DIR/.lock                         one writer at a time
+
+Shards are immutable. Every file is written atomically and the manifest last, so a crash leaves
+the previous commit or the new one. Files the manifest does not name (left by a crash) are removed
+when the next writer opens the folder. Every file's sha256 is checked before it is parsed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import __version__
+from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes
+from retrieval.errors import IndexMismatchError, StoreError
+from retrieval.sources import Outcome
+
+__all__ = ["COLLECTIONS", "SCHEMA_VERSION", "CollectionState", "FileRef", "Manifest", "Store"]
+
+SCHEMA_VERSION = 1
+COLLECTIONS = ("images", "captions")
+MANIFEST = "manifest.json"
+_NORM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file of the store, relative to its folder, with what it must hash to."""
+
+    file: str
+    sha256: str
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class CollectionState:
+    """One collection's committed files and counters."""
+
+    shards: tuple[FileRef, ...] = ()
+    next_id: int = 0
+    deleted: FileRef | None = None
+    outcomes: FileRef | None = None
+    root: str | None = None  # images: the folder the paths are relative to
+    counts: dict[str, int] = field(default_factory=dict)  # indexed, skipped, failed
+
+    def files(self) -> list[FileRef]:
+        return [*self.shards, *(f for f in (self.deleted, self.outcomes) if f is not None)]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    generation: int
+    model: dict[str, Any]  # checkpoint / tower paths and the fingerprint
+    collections: dict[str, CollectionState]
+    engine_version: str = __version__
+    updated: float = 0.0
+
+    @property
+    def fingerprint(self) -> str | None:
+        value = self.model.get("fingerprint", {}).get("digest")
+        return str(value) if value else None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"manifest schema version {version} is not supported (this engine reads {SCHEMA_VERSION})"
+            )
+        collections = {}
+        for name, raw in data["collections"].items():
+            collections[name] = CollectionState(
+                shards=tuple(FileRef(**f) for f in raw["shards"]),
+                next_id=int(raw["next_id"]),
+                deleted=FileRef(**raw["deleted"]) if raw.get("deleted") else None,
+                outcomes=FileRef(**raw["outcomes"]) if raw.get("outcomes") else None,
+                root=raw.get("root"),
+                counts=dict(raw.get("counts", {})),
+            )
+        return cls(
+            schema_version=version,
+            generation=int(data["generation"]),
+            model=dict(data["model"]),
+            collections=collections,
+            engine_version=str(data.get("engine_version", "")),
+            updated=float(data.get("updated", 0.0)),
+        )
+
+
+class Store:
+    """An index folder. ``Store.open(dir)`` to read; ``Store.open(dir, write=True)`` to change it."""
+
+    def __init__(self, folder: Path, manifest: Manifest | None, lock_fd: int | None) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self._lock_fd = lock_fd
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, folder: str | Path, *, write: bool = False) -> Store:
+        """Open ``folder``. Writers take the folder's lock (or fail at once) and clean up after crashes."""
+        folder = Path(folder)
+        if not write and not (folder / MANIFEST).is_file():
+            raise StoreError(f"{folder} is not an index folder (no {MANIFEST})")
+        lock_fd = None
+        if write:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock_fd = _take_lock(folder)
+        try:
+            manifest = _read_manifest(folder)
+            store = cls(folder, manifest, lock_fd)
+            if write:
+                store._collect_garbage()
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        return store
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _require_writer(self) -> None:
+        if self._lock_fd is None:
+            raise StoreError(f"{self.folder} was opened read-only")
+
+    def write_table(self, name: str, table: pa.Table) -> FileRef:
+        """Write ``table`` as Parquet at ``name`` (relative), atomically; return its reference."""
+        self._require_writer()
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd", write_statistics=True)
+        return self._write_bytes(name, buffer.getvalue(), table.num_rows)
+
+    def write_outcomes(self, name: str, outcomes: Sequence[Outcome]) -> FileRef:
+        """Write the skipped and failed inputs as JSON lines, sorted by source."""
+        ordered = sorted(outcomes, key=lambda o: (o.source, o.stage, o.reason))
+        lines = [json.dumps(dataclasses.asdict(o), sort_keys=True, ensure_ascii=False) for o in ordered]
+        data = ("\n".join(lines) + "\n" if lines else "").encode()
+        return self._write_bytes(name, data, len(lines))
+
+    def _write_bytes(self, name: str, data: bytes, rows: int) -> FileRef:
+        self._require_writer()
+        atomic_write_bytes(self.folder / name, data)
+        return FileRef(name, hashlib.sha256(data).hexdigest(), rows, len(data))
+
+    def commit(self, manifest: Manifest) -> Manifest:
+        """Make ``manifest`` the folder's state (the last write of every change)."""
+        self._require_writer()
+        committed = dataclasses.replace(manifest, updated=time.time())
+        atomic_write(self.folder / MANIFEST, lambda tmp: tmp.write_text(committed.to_json()))
+        self.manifest = committed
+        return committed
+
+    def _collect_garbage(self) -> None:
+        """Remove files no commit names: temporaries and shards of a build that crashed."""
+        named = {
+            f.file
+            for state in (self.manifest.collections.values() if self.manifest else [])
+            for f in state.files()
+        }
+        for name in COLLECTIONS:
+            folder = self.folder / name
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if f"{name}/{path.name}" not in named and path.is_file():
+                    path.unlink()
+        for path in self.folder.glob(f".*{TMP_MARKER}*"):
+            path.unlink()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def read_file(self, ref: FileRef) -> bytes:
+        """The bytes of ``ref``, refused unless they hash to what the manifest recorded."""
+        path = self.folder / ref.file
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"{path}: missing or unreadable ({e.strerror or e})") from e
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise StoreError(f"{path} does not match its sha256 in the manifest (truncated or altered)")
+        return data
+
+    def read_table(self, ref: FileRef, columns: Sequence[str] | None = None) -> pa.Table:
+        data = self.read_file(ref)
+        try:
+            table = pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
+        except Exception as e:
+            raise StoreError(f"{self.folder / ref.file}: unreadable Parquet: {e}") from e
+        if table.num_rows != ref.rows:
+            raise StoreError(
+                f"{self.folder / ref.file} has {table.num_rows} rows, the manifest says {ref.rows}"
+            )
+        return table
+
+    def deleted_ids(self, collection: str) -> np.ndarray:
+        state = self.state(collection)
+        if state.deleted is None:
+            return np.empty(0, dtype=np.int64)
+        return self.read_table(state.deleted, ["id"]).column("id").to_numpy()
+
+    def outcomes(self, collection: str) -> list[Outcome]:
+        state = self.state(collection)
+        if state.outcomes is None:
+            return []
+        text = self.read_file(state.outcomes).decode()
+        return [Outcome(**json.loads(line)) for line in text.splitlines() if line]
+
+    def state(self, collection: str) -> CollectionState:
+        if self.manifest is None:
+            return CollectionState()
+        return self.manifest.collections.get(collection, CollectionState())
+
+    def iter_shards(
+        self, collection: str, columns: Sequence[str] | None = None
+    ) -> Iterator[tuple[FileRef, pa.Table]]:
+        """Each committed shard of ``collection`` (hash-checked), with deleted rows still in it."""
+        for ref in self.state(collection).shards:
+            yield ref, self.read_table(ref, columns)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary: model, generation, and per collection counts, files and outcomes."""
+        if self.manifest is None:
+            raise StoreError(f"{self.folder} has no committed state")
+        collections = {}
+        for name, state in self.manifest.collections.items():
+            outcomes = self.outcomes(name)
+            collections[name] = {
+                **{k: state.counts.get(k, 0) for k in ("indexed", "skipped", "failed")},
+                "shards": len(state.shards),
+                "rows": sum(f.rows for f in state.shards),
+                "deleted": state.deleted.rows if state.deleted else 0,
+                "next_id": state.next_id,
+                "root": state.root,
+                "failures": [
+                    {"source": o.source, "stage": o.stage, "reason": o.reason}
+                    for o in outcomes
+                    if o.status == "failed"
+                ],
+                "skipped_inputs": [
+                    {"source": o.source, "stage": o.stage, "reason": o.reason}
+                    for o in outcomes
+                    if o.status == "skipped"
+                ],
+            }
+        return {
+            "folder": str(self.folder),
+            "schema_version": self.manifest.schema_version,
+            "generation": self.manifest.generation,
+            "engine_version": self.manifest.engine_version,
+            "updated": self.manifest.updated,
+            "model": self.manifest.model,
+            "collections": collections,
+        }
+
+    def check_model(self, fingerprint: str) -> None:
+        if self.manifest is not None and self.manifest.fingerprint not in (None, fingerprint):
+            raise IndexMismatchError(
+                f"{self.folder} was built with another model (fingerprint {self.manifest.fingerprint[:12]}, "
+                f"this one is {fingerprint[:12]}); use the same checkpoint and towers, or --rebuild"
+            )
+
+
+def check_vectors(vectors: np.ndarray, dim: int) -> None:
+    """Refuse anything but finite unit-norm float32 rows of the store's dimension."""
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise StoreError(f"vectors must be float32 (n, {dim}), got {vectors.dtype} {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1)
+    if not np.all(np.isfinite(norms)) or np.any(np.abs(norms - 1) > _NORM_TOLERANCE):
+        raise StoreError("vectors must be finite and unit-norm")
+
+
+def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, D) float32 -> Arrow fixed_size_list<float32>[D] without copying row by row."""
+    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """Arrow fixed_size_list<float32>[D] -> (n, D) float32."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def _read_manifest(folder: Path) -> Manifest | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.from_json(path.read_text())
+    except StoreError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{path} is unreadable or damaged: {e}") from e
+
+
+def _take_lock(folder: Path) -> int:
+    path = folder / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise StoreError(
+            f"{folder} is locked by another build (pid {holder}); wait for it to finish"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
