@@ -17,6 +17,12 @@ _EXPORTS = {
     "Encoder": "retrieval.encoder",
     "ModelSpec": "retrieval.encoder",
     "load_model": "retrieval.encoder",
+    "BuildConfig": "retrieval.indexer",
+    "BuildReport": "retrieval.indexer",
+    "build_index": "retrieval.indexer",
+    "Store": "retrieval.store",
+    "StoreError": "retrieval.errors",
+    "IndexMismatchError": "retrieval.errors",
     "CheckpointError": "retrieval.errors",
     "ConfigError": "retrieval.errors",
     "InputError": "retrieval.errors",
@@ -29,11 +35,14 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "BuildConfig",
+    "BuildReport",
     "Checkpoint",
     "CheckpointError",
     "CheckpointInfo",
     "ConfigError",
     "Encoder",
+    "IndexMismatchError",
     "InputError",
     "ModelError",
     "ModelFingerprint",
@@ -41,7 +50,10 @@ __all__ = [
     "MultiModalEncoder",
     "RetrievalError",
     "Runtime",
+    "Store",
+    "StoreError",
     "__version__",
+    "build_index",
     "load_checkpoint",
     "load_model",
     "resolve_runtime",
@@ -50,10 +62,20 @@ __all__ = [
 if TYPE_CHECKING:
     from retrieval.checkpoint import Checkpoint, CheckpointInfo, load_checkpoint
     from retrieval.encoder import Encoder, ModelSpec, load_model
-    from retrieval.errors import CheckpointError, ConfigError, InputError, ModelError, RetrievalError
+    from retrieval.errors import (
+        CheckpointError,
+        ConfigError,
+        IndexMismatchError,
+        InputError,
+        ModelError,
+        RetrievalError,
+        StoreError,
+    )
     from retrieval.fingerprint import ModelFingerprint
+    from retrieval.indexer import BuildConfig, BuildReport, build_index
     from retrieval.model import MultiModalEncoder
     from retrieval.runtime import Runtime, resolve_runtime
+    from retrieval.store import Store
 
 
 def __getattr__(name: str) -> Any:

@@ -197,6 +197,9 @@ def index_build(
     ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    shard_rows: Annotated[
+        int, typer.Option("--shard-rows", help="Images per shard (captions: 4x); a crash redoes one shard.")
+    ] = 4096,
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Start the index over (needed to change model).")
     ] = False,
@@ -217,6 +220,8 @@ def index_build(
         batch_size=batch_size,
         workers=workers,
         rebuild=rebuild,
+        image_shard_rows=shard_rows,
+        caption_shard_rows=4 * shard_rows,
     )
     report = build_index(
         config, progress=_Bar(enabled=(not as_json and sys.stderr.isatty()) or _force_bars())

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CRASH_ENV", "atomic_write", "atomic_write_bytes", "fsync_dir"]
+__all__ = ["CRASH_ENV", "atomic_write", "atomic_write_bytes", "fsync_dir", "write_count"]
 
 CRASH_ENV = "RETRIEVAL_CRASH_AT_WRITE"
 TMP_MARKER = ".tmp-"
@@ -27,13 +27,16 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _maybe_crash() -> None:
+def write_count() -> int:
+    """Durable writes this process has made so far."""
+    return _writes
+
+
+def _count_and_maybe_crash() -> None:
     global _writes
-    target = os.environ.get(CRASH_ENV)
-    if not target:
-        return
     _writes += 1
-    if _writes == int(target):
+    target = os.environ.get(CRASH_ENV)
+    if target and _writes == int(target):
         os._exit(137)
 
 
@@ -48,7 +51,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _maybe_crash()
+        _count_and_maybe_crash()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -178,6 +178,7 @@ def build_index(
         try:
             builder = _Builder(store, encoder, config, progress or _Silent())
             collections = builder.run()
+            store.collect_garbage()
         finally:
             if own_encoder:
                 encoder.close()
@@ -259,9 +260,17 @@ class _Builder:
             )
         return cache[ref.file][row]
 
-    def _delete(self, collection: str, ids: Iterable[int], outcomes: list[Outcome]) -> None:
-        """Commit deletions (and the carried-over outcomes) before any new shard."""
+    def _delete(
+        self,
+        collection: str,
+        ids: Iterable[int],
+        outcomes: list[Outcome],
+        sources: dict[str, list[int]] | None = None,
+    ) -> None:
+        """Commit deletions, the outcomes known so far and finished sources before any new shard."""
         state = self._state(collection)
+        if sources is not None:
+            state = replace(state, sources=sources)
         new = np.fromiter(ids, dtype=np.int64)
         generation = self.manifest.generation + 1
         deleted = state.deleted
@@ -283,8 +292,12 @@ class _Builder:
         base_id: int,
         outcomes: list[Outcome],
         make_table: Callable[[list[int], list[_Row], np.ndarray], pa.Table],
+        finished: dict[str, list[int]] | None = None,
     ) -> None:
+        """Write one shard and commit it; ``finished`` sources are done once it is committed."""
         state = self._state(collection)
+        if finished:
+            state = replace(state, sources={**state.sources, **finished})
         positions = sorted(shard.rows)
         ids = [base_id + p for p in positions]
         rows = [shard.rows[p] for p in positions]
@@ -468,15 +481,18 @@ class _Builder:
     def _captions(self, sidecars: list[SidecarFile]) -> CollectionReport:
         started = time.perf_counter()
         state = self._state("captions")
-        live, places = self._live_rows("captions", ["id", "source", "sha256", "size", "mtime_ns"])
+        live, places = self._live_rows("captions", ["id", "source", "row", "sha256", "size", "mtime_ns"])
         old_outcomes = self.store.outcomes("captions")
+        # A sidecar is one row, committed whole: its row or outcome records the version indexed.
+        # A caption file spans shards: it is done only once ``state.sources`` lists it.
         recorded: dict[str, tuple[int, int]] = {}
         ids_of: dict[str, list[int]] = {}
-        for i, source, size, mtime in zip(
-            *(live.column(c).to_pylist() for c in ("id", "source", "size", "mtime_ns")), strict=True
-        ):
+        rows_of: dict[str, set[int]] = {}
+        columns = ("id", "source", "row", "size", "mtime_ns")
+        for i, source, row, size, mtime in zip(*(live.column(c).to_pylist() for c in columns), strict=True):
             recorded[source] = (size, mtime)
             ids_of.setdefault(source, []).append(i)
+            rows_of.setdefault(source, set()).add(row)
         for o in old_outcomes:
             if o.size is not None and o.mtime_ns is not None:
                 recorded.setdefault(o.parent or o.source, (o.size, o.mtime_ns))
@@ -491,6 +507,8 @@ class _Builder:
         plan: list[tuple[CaptionRecord, int, int]] = []
         stale: list[int] = []
         present = set()
+        done = {k: v for k, v in state.sources.items() if k in {s for s, _, _ in sources}}
+        pending: dict[str, tuple[int, list[int]]] = {}  # caption file -> (last plan position, stats)
         for source, path, image in sources:
             present.add(source)
             try:
@@ -500,27 +518,39 @@ class _Builder:
                     Outcome(source, "failed", "read", f"cannot read: {e.strerror or e}", parent=source)
                 )
                 stale.extend(ids_of.get(source, []))
+                done.pop(source, None)
                 continue
             stats = (info.st_size, info.st_mtime_ns)
-            if recorded.get(source) == stats:
+            finished = recorded.get(source) == stats if image is not None else done.get(source) == list(stats)
+            if finished:
                 outcomes.extend(o for o in old_outcomes if (o.parent or o.source) == source)
                 continue
-            stale.extend(ids_of.get(source, []))
+            # The same version partly indexed (a build stopped inside this file): go on from there.
+            resuming = image is None and recorded.get(source) == stats
+            skip_rows = rows_of.get(source, set()) if resuming else set()
+            if not resuming:
+                stale.extend(ids_of.get(source, []))
+            done.pop(source, None)
             records = (
                 [read_sidecar(path, source, image)] if image is not None else read_caption_file(path, source)
             )
             for record in records:
                 if isinstance(record, Outcome):
                     outcomes.append(replace(record, size=stats[0], mtime_ns=stats[1], parent=source))
-                else:
+                elif record.row not in skip_rows:
                     plan.append((record, *stats))
+            if image is None:
+                if plan and plan[-1][0].source == source:
+                    pending[source] = (len(plan) - 1, list(stats))
+                else:
+                    done[source] = list(stats)
         if images_root is None:  # sidecars belong to the image folder, which this build leaves alone
             present.update(source for source in ids_of if not Path(source).is_absolute())
         stale.extend(i for source, ids in ids_of.items() if source not in present for i in ids)
 
-        if stale or state.outcomes is None or set(outcomes) != set(old_outcomes):
-            self._delete("captions", stale, outcomes)
-        encoded, reused = self._encode_captions(plan, reuse, outcomes)
+        if stale or state.outcomes is None or set(outcomes) != set(old_outcomes) or done != state.sources:
+            self._delete("captions", stale, outcomes, done)
+        encoded, reused = self._encode_captions(plan, reuse, outcomes, pending)
         return _report(
             self._state("captions"),
             encoded + reused,
@@ -535,6 +565,7 @@ class _Builder:
         plan: list[tuple[CaptionRecord, int, int]],
         reuse: dict[str, tuple[FileRef, int]],
         outcomes: list[Outcome],
+        pending: dict[str, tuple[int, list[int]]],
     ) -> tuple[int, int]:
         if not plan:
             return 0, 0
@@ -572,7 +603,9 @@ class _Builder:
                 )
             encoded += len(todo)
             reused += len(chunk) - len(todo)
-            self._write_shard("captions", shard, base_id, outcomes, _caption_table)
+            end = start + len(chunk)
+            finished = {source: stats for source, (last, stats) in pending.items() if start <= last < end}
+            self._write_shard("captions", shard, base_id, outcomes, _caption_table, finished)
             self.progress.advance(len(chunk))
         self.progress.finish()
         return encoded, reused

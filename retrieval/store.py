@@ -64,6 +64,9 @@ class CollectionState:
     deleted: FileRef | None = None
     outcomes: FileRef | None = None
     root: str | None = None  # images: the folder the paths are relative to
+    sources: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # caption files fully indexed: [size, mtime_ns]
     counts: dict[str, int] = field(default_factory=dict)  # indexed, skipped, failed
 
     def files(self) -> list[FileRef]:
@@ -103,6 +106,7 @@ class Manifest:
                 deleted=FileRef(**raw["deleted"]) if raw.get("deleted") else None,
                 outcomes=FileRef(**raw["outcomes"]) if raw.get("outcomes") else None,
                 root=raw.get("root"),
+                sources={k: list(v) for k, v in raw.get("sources", {}).items()},
                 counts=dict(raw.get("counts", {})),
             )
         return cls(
@@ -139,7 +143,7 @@ class Store:
             manifest = _read_manifest(folder)
             store = cls(folder, manifest, lock_fd)
             if write:
-                store._collect_garbage()
+                store.collect_garbage()
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -190,8 +194,10 @@ class Store:
         self.manifest = committed
         return committed
 
-    def _collect_garbage(self) -> None:
-        """Remove files no commit names: temporaries and shards of a build that crashed."""
+    def collect_garbage(self) -> None:
+        """Remove files the manifest does not name: temporaries, files of earlier generations and
+        shards of a build that crashed. Writers call it when they open the folder and when done."""
+        self._require_writer()
         named = {
             f.file
             for state in (self.manifest.collections.values() if self.manifest else [])

@@ -43,8 +43,16 @@ def _picture(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 def _bomb_png() -> bytes:
     """A valid PNG header declaring 50,000 x 50,000 pixels, with almost no data."""
     header = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+        + chunk(b"IEND", b"")
+    )
 
 
 def make_corpus(root: Path, outside: Path, seed: int = 0) -> Path:
@@ -58,15 +66,15 @@ def make_corpus(root: Path, outside: Path, seed: int = 0) -> Path:
     Image.fromarray(rgba, "RGBA").save(root / "clipart/flag.png")
     palette = Image.fromarray(_picture(rng, 30, 30)).convert("P", palette=Image.ADAPTIVE, colors=8)
     palette.save(root / "clipart/palette.png", transparency=0)
-    Image.fromarray(np.stack([_picture(rng, 20, 20)[..., 0], np.full((20, 20), 128, np.uint8)], -1), "LA").save(
-        root / "clipart/grey-alpha.png"
-    )
+    Image.fromarray(
+        np.stack([_picture(rng, 20, 20)[..., 0], np.full((20, 20), 128, np.uint8)], -1), "LA"
+    ).save(root / "clipart/grey-alpha.png")
     Image.fromarray(_picture(rng, 40, 30)).convert("CMYK").save(root / "photos/cmyk.jpg")
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(_picture(rng, 64, 32)).save(root / "photos/rotated.jpg", exif=exif)
     Image.fromarray(_picture(rng, 400, 300)).save(root / "photos/big.jpg", quality=90)
-    Image.fromarray((_picture(rng, 30, 30)[..., 0].astype(np.uint16) * 257)).save(root / "photos/deep.png")
+    Image.fromarray(_picture(rng, 30, 30)[..., 0].astype(np.uint16) * 257).save(root / "photos/deep.png")
     frames = [Image.fromarray(_picture(rng, 24, 24)) for _ in range(3)]
     frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:], duration=40)
     Image.fromarray(_picture(rng, 30, 20)).save(root / "scan.tiff")

@@ -1,0 +1,297 @@
+"""index build: every input accounted for, shards readable anywhere, incremental, resumable."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import seed_checkpoint
+from corpus import BAD, GOOD, SKIPPED, make_corpus
+from PIL import Image
+
+from retrieval import Encoder, IndexMismatchError, ModelSpec, MultiModalEncoder, StoreError, durable
+from retrieval.durable import CRASH_ENV
+from retrieval.indexer import BuildConfig, build_index
+from retrieval.store import Store, embedding_matrix
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return make_corpus(tmp_path / "images", tmp_path / "outside")
+
+
+@pytest.fixture
+def config(tmp_path: Path, corpus: Path, checkpoint: Path, towers: tuple[Path, Path]) -> BuildConfig:
+    captions = tmp_path / "captions.csv"
+    captions.write_text("caption,image,lang\na dog walking on the street,pic.bmp,en\n,,en\nthe cat,,fr\n")
+    return BuildConfig(
+        out=tmp_path / "index",
+        images=corpus,
+        captions=(captions,),
+        model=ModelSpec(checkpoint, *towers),
+        device="cpu",
+        workers=1,
+        image_shard_rows=4,
+        caption_shard_rows=2,
+    )
+
+
+def live(folder: Path, collection: str) -> pa.Table:
+    """Rows of ``collection`` still in search, sorted by id."""
+    with Store.open(folder) as store:
+        deleted = store.deleted_ids(collection)
+        tables = [t for _, t in store.iter_shards(collection)]
+    table = pa.concat_tables(tables)
+    table = table.filter(pa.array(~np.isin(table.column("id").to_numpy(), deleted)))
+    return table.sort_by("id")
+
+
+def test_every_input_is_accounted_for(config: BuildConfig) -> None:
+    report = build_index(config)
+    images = report.collections["images"]
+    assert (images.indexed, images.failed, images.skipped) == (len(GOOD), len(BAD), len(SKIPPED))
+    assert images.encoded == len(GOOD)
+
+    rows = live(config.out, "images")
+    with Store.open(config.out) as store:
+        outcomes = {o.source: o for o in store.outcomes("images")}
+    assert set(rows.column("path").to_pylist()) == set(GOOD)
+    assert {s for s, o in outcomes.items() if o.status == "failed"} == set(BAD)
+    assert {s for s, o in outcomes.items() if o.status == "skipped"} == SKIPPED
+    assert "pixel" in outcomes["broken/bomb.png"].reason
+    assert "0 bytes" in outcomes["broken/empty.png"].reason
+    assert len(set(rows.column("id").to_pylist())) == rows.num_rows
+
+    captions = report.collections["captions"]
+    # sidecars: flag.txt indexed, pic.txt failed (bad bytes), scan.txt skipped (empty);
+    # captions.csv: two indexed, one skipped (empty).
+    assert (captions.indexed, captions.failed, captions.skipped) == (3, 1, 2)
+    texts = dict(
+        zip(
+            live(config.out, "captions").column("text").to_pylist(),
+            live(config.out, "captions").column("image").to_pylist(),
+            strict=True,
+        )
+    )
+    assert texts == {
+        "a red flag on a white pole": "clipart/flag.png",
+        "a dog walking on the street": "pic.bmp",
+        "the cat": None,
+    }
+
+
+def test_vectors_equal_the_encoder(config: BuildConfig) -> None:
+    build_index(config)
+    rows = live(config.out, "images")
+    stored = embedding_matrix(rows.column("embedding"), 16)
+    with Encoder.load(config.model, device="cpu") as encoder:
+        direct = encoder.encode_images([config.images / p for p in rows.column("path").to_pylist()])
+        cosines = np.sum(stored * direct, axis=1)
+        reduced = np.array(["reduced_on_load" in f for f in rows.column("flags").to_pylist()])
+        assert reduced.sum() == 1  # photos/big.jpg
+        assert cosines[~reduced].min() >= 0.9999
+        assert cosines[reduced].min() >= 0.999  # DCT-scaled decode stays within the tolerance
+        captions = live(config.out, "captions")
+        texts = encoder.encode_texts(captions.column("text").to_pylist())
+        assert np.sum(embedding_matrix(captions.column("embedding"), 16) * texts, axis=1).min() >= 0.9999
+
+
+def test_shards_are_plain_parquet(config: BuildConfig) -> None:
+    build_index(config)
+    shards = sorted((config.out / "images").glob("shard-*.parquet"))
+    table = pq.read_table(shards[0])
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 16)
+    assert table.schema.field("id").type == pa.int64()
+    assert {"path", "sha256", "size", "mtime_ns", "width", "height", "flags"} <= set(table.column_names)
+    metadata = table.schema.metadata
+    assert metadata[b"retrieval.schema_version"] == b"1"
+    assert len(json.loads(metadata[b"retrieval.fingerprint"])["digest"]) == 64
+    dataset = ds.dataset([str(p) for p in shards], format="parquet")
+    assert dataset.count_rows() == len(GOOD)
+    captions = pq.read_table(sorted((config.out / "captions").glob("shard-*.parquet"))[0])
+    assert {"text", "source", "row", "image", "metadata", "flags"} <= set(captions.column_names)
+
+
+def test_rerun_does_nothing(config: BuildConfig) -> None:
+    build_index(config)
+    before = {p: p.stat().st_mtime_ns for p in config.out.rglob("*") if p.is_file() and p.name != ".lock"}
+    generation = json.loads((config.out / "manifest.json").read_text())["generation"]
+    report = build_index(config)
+    assert all(c.added == 0 and c.deleted == 0 for c in report.collections.values())
+    after = {p: p.stat().st_mtime_ns for p in config.out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+    assert json.loads((config.out / "manifest.json").read_text())["generation"] == generation
+
+
+def test_incremental_rebuild(config: BuildConfig, corpus: Path) -> None:
+    build_index(config)
+    first = live(config.out, "images")
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(corpus / "pic.bmp")  # changed
+    (corpus / "scan.tiff").unlink()  # removed
+    (corpus / "anim.gif").rename(corpus / "nested" / "moved.gif")  # moved: same content
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(corpus / "new.png")  # added
+    (corpus / "broken" / "empty.png").unlink()  # a failure that went away
+
+    report = build_index(config).collections["images"]
+    assert (report.encoded, report.reused, report.deleted) == (2, 1, 3)
+    assert (report.failed, report.indexed) == (len(BAD) - 1, len(GOOD))
+    rows = live(config.out, "images")
+    paths = rows.column("path").to_pylist()
+    assert sorted(paths) == sorted((set(GOOD) - {"scan.tiff", "anim.gif"}) | {"nested/moved.gif", "new.png"})
+    assert len(set(rows.column("id").to_pylist())) == rows.num_rows
+    old = dict(
+        zip(first.column("path").to_pylist(), embedding_matrix(first.column("embedding"), 16), strict=True)
+    )
+    new = dict(zip(paths, embedding_matrix(rows.column("embedding"), 16), strict=True))
+    np.testing.assert_array_equal(new["nested/moved.gif"], old["anim.gif"])
+    np.testing.assert_array_equal(new["clipart/flag.png"], old["clipart/flag.png"])
+    assert build_index(config).collections["images"].added == 0
+
+
+def test_other_model_is_refused_unless_rebuild(
+    config: BuildConfig, tmp_path: Path, towers: tuple[Path, Path]
+) -> None:
+    build_index(config)
+    torch.manual_seed(42)
+    other = seed_checkpoint(MultiModalEncoder(*towers, embed_dim=16), tmp_path / "other.pt")
+    changed = BuildConfig(**{**vars(config), "model": ModelSpec(other, *towers)})
+    with pytest.raises(IndexMismatchError, match="another model"):
+        build_index(changed)
+    report = build_index(BuildConfig(**{**vars(changed), "rebuild": True}))
+    assert report.collections["images"].encoded == len(GOOD)
+    assert live(config.out, "images").num_rows == len(GOOD)
+    with Store.open(config.out) as store:  # nothing of the old model is left behind
+        named = {config.out / f.file for c in store.manifest.collections.values() for f in c.files()}
+        assert store.manifest.fingerprint == report.fingerprint
+    assert {
+        p for p in config.out.rglob("*") if p.is_file() and p.name not in (".lock", "manifest.json")
+    } == named
+
+
+def test_one_writer_at_a_time(config: BuildConfig) -> None:
+    build_index(config)
+    with Store.open(config.out, write=True), pytest.raises(StoreError, match="locked by another build"):
+        build_index(config)
+
+
+def test_long_captions_are_truncated_and_flagged(
+    tmp_path: Path, checkpoint: Path, towers: tuple[Path, Path]
+) -> None:
+    captions = tmp_path / "long.txt"
+    captions.write_text(" ".join(["walking"] * 5000) + "\na dog\n")
+    build_index(
+        BuildConfig(
+            out=tmp_path / "idx", captions=(captions,), model=ModelSpec(checkpoint, *towers), device="cpu"
+        )
+    )
+    rows = live(tmp_path / "idx", "captions")
+    assert rows.column("flags").to_pylist() == [["truncated"], []]
+
+
+def _crashing_build(config: BuildConfig, k: int) -> None:
+    # A forked child must not use the parent's OpenMP pool: it would wait on threads that fork
+    # did not copy.
+    torch.set_num_threads(1)
+    os.environ[CRASH_ENV] = str(k + durable.write_count())
+    build_index(config)
+
+
+def canonical(folder: Path) -> dict[str, list[tuple]]:
+    out = {}
+    for collection in ("images", "captions"):
+        rows = live(folder, collection)
+        key = "path" if collection == "images" else "text"
+        out[collection] = list(
+            zip(
+                rows.column("id").to_pylist(),
+                rows.column(key).to_pylist(),
+                rows.column("sha256").to_pylist(),
+                strict=True,
+            )
+        )
+    return out
+
+
+def test_crash_at_every_write_then_resume(config: BuildConfig, tmp_path: Path) -> None:
+    """Kill the build at its k-th durable write, for every k; each time the store is a committed
+    state, and a rerun ends where an uninterrupted build ends."""
+    clean = BuildConfig(**{**vars(config), "out": tmp_path / "clean", "workers": 0})
+    before = durable.write_count()
+    build_index(clean)
+    writes = durable.write_count() - before
+    expected = canonical(clean.out)
+    context = multiprocessing.get_context("fork")
+    for k in range(1, writes + 2):
+        crashing = BuildConfig(**{**vars(clean), "out": tmp_path / f"crash-{k}"})
+        child = context.Process(target=_crashing_build, args=(crashing, k))
+        child.start()
+        child.join(120)
+        if child.exitcode is None:
+            child.kill()
+            pytest.fail(f"the build with a crash at write {k} hung")
+        assert child.exitcode == (0 if k > writes else 137), k
+        if (crashing.out / "manifest.json").exists():
+            with Store.open(crashing.out) as store:  # a committed state: every file it names is intact
+                for collection in store.manifest.collections:
+                    list(store.iter_shards(collection))
+                    store.outcomes(collection)
+        build_index(crashing)
+        assert canonical(crashing.out) == expected, k
+        assert not list(crashing.out.rglob("*.tmp-*"))
+        for collection in ("images", "captions"):
+            a = embedding_matrix(live(crashing.out, collection).column("embedding"), 16)
+            b = embedding_matrix(live(clean.out, collection).column("embedding"), 16)
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert writes >= 10
+
+
+def test_sigkill_mid_build_then_rerun(config: BuildConfig, tmp_path: Path) -> None:
+    clean = BuildConfig(**{**vars(config), "out": tmp_path / "clean"})
+    build_index(clean)
+    args = [
+        str(Path(sys.executable).parent / "index"),
+        "build",
+        str(config.images),
+        "--captions",
+        str(config.captions[0]),
+        "--out",
+        str(config.out),
+        "--checkpoint",
+        str(config.model.checkpoint),
+        "--text-model",
+        str(config.model.text_model),
+        "--vision-model",
+        str(config.model.vision_model),
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--shard-rows",
+        "1",
+    ]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = config.out / "manifest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if manifest.exists() and json.loads(manifest.read_text() or "{}").get("generation", 0) >= 4:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert canonical(config.out) == canonical(clean.out)
