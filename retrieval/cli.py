@@ -193,7 +193,7 @@ def index_build(
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per model batch.")] = None,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", help="Decoding processes (default: all cores but one)."),
+        typer.Option("--workers", help="Decoding processes (default: all cores but one, at least two)."),
     ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",

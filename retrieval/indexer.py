@@ -84,7 +84,7 @@ class BuildConfig:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int | None = None
-    workers: int | None = None  # decode processes; default: all cores but one (at least one)
+    workers: int | None = None  # decode processes; default: all cores but one (at least two)
     rebuild: bool = False
     image_shard_rows: int = 4096
     caption_shard_rows: int = 16384
@@ -418,9 +418,9 @@ class _Builder:
         batch_pixels: list[torch.Tensor] = []
         cache: dict[str, np.ndarray] = {}
         encoded = reused = 0
-        workers = (
-            self.config.workers if self.config.workers is not None else max(1, (os.cpu_count() or 2) - 1)
-        )
+        # At least two: a giant image can then hold one worker while the other keeps decoding.
+        cores = os.cpu_count() or 2
+        workers = self.config.workers if self.config.workers is not None else max(2, cores - 1)
         batch_size = self.encoder.image_batch_size
         self.progress.start("images", len(plan))
 

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 BIN = Path(sys.executable).parent
 
@@ -83,3 +85,65 @@ def test_default_checkpoint_missing(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: checkpoint checkpoints/best_checkpoint.pt does not exist"
+
+
+def test_index_build_and_info(tmp_path: Path, checkpoint: Path, towers: tuple[Path, Path]) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    (images / "bad.jpg").write_text("not an image")
+    (images / "0.txt").write_text("a dog on the street")
+    model = [
+        "--checkpoint",
+        str(checkpoint),
+        "--text-model",
+        str(towers[0]),
+        "--vision-model",
+        str(towers[1]),
+    ]
+    out = tmp_path / "index"
+    args = [str(images), "--out", str(out), *model, "--device", "cpu", "--workers", "1"]
+
+    result = cli("index", "build", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["collections"]["images"]["indexed"] == 3
+    assert report["collections"]["images"]["failed"] == 1
+    assert report["collections"]["captions"]["indexed"] == 1
+
+    again = cli("index", "build", *args)
+    assert again.returncode == 0, again.stderr
+    assert "images: 3 indexed (0 new" in again.stdout and "1 failed" in again.stdout
+
+    info = cli("retrieval", "index", "info", str(out), "--json")
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    images_info = data["collections"]["images"]
+    assert (images_info["indexed"], images_info["skipped"], images_info["failed"]) == (3, 0, 1)
+    assert images_info["failures"] == [
+        {"source": "bad.jpg", "stage": "decode", "reason": "not an image in a known format"}
+    ]
+    table = cli("index", "info", str(out)).stdout
+    assert "failed  bad.jpg: not an image in a known format" in table
+
+
+def test_index_build_errors_are_one_line(tmp_path: Path, checkpoint: Path, towers: tuple[Path, Path]) -> None:
+    model = [
+        "--checkpoint",
+        str(checkpoint),
+        "--text-model",
+        str(towers[0]),
+        "--vision-model",
+        str(towers[1]),
+    ]
+    missing = cli("index", "build", str(tmp_path / "nope"), *model)
+    assert missing.returncode == 2
+    assert (
+        missing.stderr.strip() == f"error: image folder {tmp_path / 'nope'} does not exist or is not a folder"
+    )
+    nothing = cli("index", "build", *model)
+    assert nothing.returncode == 2 and "nothing to index" in nothing.stderr
+    info = cli("index", "info", str(tmp_path))
+    assert info.returncode == 2 and "not an index folder" in info.stderr
