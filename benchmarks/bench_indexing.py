@@ -36,6 +36,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval import BuildConfig, Encoder, build_index
+from retrieval.reader import read_images
+from retrieval.sources import ImageFile
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child forked from a big
 # benchmark process would report the parent's size.
@@ -146,6 +148,12 @@ def main() -> None:
         copy_corpus(paths[:batch], root / "warm")
         index("warm", images=root / "warm")
 
+        def reader_only() -> None:
+            workers = args.workers if args.workers is not None else max(2, (os.cpu_count() or 2) - 1)
+            files = [ImageFile(p.name, p.stat().st_size, 0) for p in paths]
+            for _ in read_images(root / "images", files, encoder.preprocess, workers=workers):
+                pass
+
         seconds = index("images", images=root / "images")
         figures: dict[str, object] = {
             "device": torch.cuda.get_device_name(runtime.device) if gpu else platform.processor() or "cpu",
@@ -156,6 +164,7 @@ def main() -> None:
             "images_per_s_index_build": n_images / seconds,
             "images_per_s_pure_forward": rate(pure_forward, n_forward, sync),
             "images_per_s_seed_loop": rate(seed_image_loop, n_seed, sync),
+            "images_per_s_decode_only": rate(reader_only, n_images),
         }
         caption_seconds = index("captions", captions=(root / "captions.txt",))
         figures["captions_per_s_index_build"] = n_captions / caption_seconds
@@ -190,6 +199,7 @@ def main() -> None:
         f"| pure batched forward | {figures['images_per_s_pure_forward']:.1f} img/s | "
         f"index / forward = {forward_ratio:.2f} |"
     )
+    print(f"| decode only (reader stage, no model) | {figures['images_per_s_decode_only']:.1f} img/s | |")
     print(
         f"| seed loop, one image at a time | {figures['images_per_s_seed_loop']:.1f} img/s | "
         f"index / seed = {seed_ratio:.1f}x |"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BertConfig, ViTConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval import ModelSpec, MultiModalEncoder
 

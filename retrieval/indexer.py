@@ -441,38 +441,47 @@ class _Builder:
                 self._write_shard("images", shards.pop(next_shard), base_id, outcomes, _image_table)
                 next_shard += 1
 
-        for group in read_images(
-            root, plan, self.encoder.preprocess, workers=workers, max_pixels=self.config.max_pixels
-        ):
-            for index, outcome in group.failures:
-                shards[index // size].outcomes[index] = outcome
-                self.progress.advance(1)
-            for k, image in enumerate(group.images):
-                file = plan[image.index]
-                row = _Row(
-                    {
-                        "path": file.path,
-                        "sha256": image.sha256,
-                        "size": file.size,
-                        "mtime_ns": file.mtime_ns,
-                        "width": image.width,
-                        "height": image.height,
-                        "flags": ["reduced_on_load"] if image.reduced else [],
-                    }
-                )
-                shards[image.index // size].rows[image.index] = row
-                if image.sha256 in reuse:
-                    row.vector = self._vector_at(reuse[image.sha256], cache)
-                    reused += 1
+        # On a GPU the main process only feeds the device: its CPU threads would spin against the
+        # decoding workers for the same cores.
+        threads = torch.get_num_threads()
+        if self.encoder.runtime.device.type == "cuda":
+            torch.set_num_threads(min(threads, 2))
+        try:
+            groups = read_images(
+                root, plan, self.encoder.preprocess, workers=workers, max_pixels=self.config.max_pixels
+            )
+            for group in groups:
+                for index, outcome in group.failures:
+                    shards[index // size].outcomes[index] = outcome
                     self.progress.advance(1)
-                else:
-                    batch_rows.append(row)
-                    batch_pixels.append(group.pixels[k : k + 1])
-            if len(batch_rows) >= batch_size:
-                flush()
+                for k, image in enumerate(group.images):
+                    file = plan[image.index]
+                    row = _Row(
+                        {
+                            "path": file.path,
+                            "sha256": image.sha256,
+                            "size": file.size,
+                            "mtime_ns": file.mtime_ns,
+                            "width": image.width,
+                            "height": image.height,
+                            "flags": ["reduced_on_load"] if image.reduced else [],
+                        }
+                    )
+                    shards[image.index // size].rows[image.index] = row
+                    if image.sha256 in reuse:
+                        row.vector = self._vector_at(reuse[image.sha256], cache)
+                        reused += 1
+                        self.progress.advance(1)
+                    else:
+                        batch_rows.append(row)
+                        batch_pixels.append(group.pixels[k : k + 1])
+                if len(batch_rows) >= batch_size:
+                    flush()
+                commit_ready()
+            flush()
             commit_ready()
-        flush()
-        commit_ready()
+        finally:
+            torch.set_num_threads(threads)
         self.progress.finish()
         return encoded, reused
 
