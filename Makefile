@@ -39,6 +39,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_encoder.py
+	$(BIN)/python benchmarks/bench_indexing.py
 
 demo: install
 	@echo "make demo: the demo corpus, demo checkpoint and index are not built yet."
