@@ -197,6 +197,16 @@ def index_build(
     ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    index_type: Annotated[
+        str, typer.Option("--index-type", help="flat, ivf, hnsw, ivfpq or auto (by size and memory budget).")
+    ] = "auto",
+    target_recall: Annotated[
+        float, typer.Option("--target-recall", help="Recall@10 against exact search the index is tuned to.")
+    ] = 0.95,
+    memory_budget: Annotated[
+        float | None,
+        typer.Option("--memory-budget", help="GB the index may take (auto picks IVF-PQ above it)."),
+    ] = None,
     shard_rows: Annotated[
         int, typer.Option("--shard-rows", help="Images per shard (captions: 4x); a crash redoes one shard.")
     ] = 4096,
@@ -208,6 +218,7 @@ def index_build(
 ) -> None:
     """Encode an image folder and caption files into the index folder (incremental, resumable)."""
     from retrieval.encoder import ModelSpec
+    from retrieval.index import IndexConfig
     from retrieval.indexer import BuildConfig, build_index
 
     config = BuildConfig(
@@ -222,6 +233,11 @@ def index_build(
         rebuild=rebuild,
         image_shard_rows=shard_rows,
         caption_shard_rows=4 * shard_rows,
+        index=IndexConfig(
+            kind=index_type,  # type: ignore[arg-type]
+            target_recall=target_recall,
+            memory_budget=int(memory_budget * 1e9) if memory_budget else None,
+        ),
     )
     report = build_index(
         config, progress=_Bar(enabled=(not as_json and sys.stderr.isatty()) or _force_bars())
@@ -235,6 +251,12 @@ def index_build(
         parts.append(
             f"{name}: {c.indexed} indexed ({c.added} new: {c.encoded} encoded, {c.reused} reused; "
             f"{c.deleted} removed), {c.skipped} skipped, {c.failed} failed{rate}"
+        )
+    for name, record in report.indexes.items():
+        tuned = f", {record.param}={record.value}" if record.param else ""
+        parts.append(
+            f"{name} index {record.kind}{tuned}: recall@10 {record.recall_at_10:.3f} vs exact "
+            f"({record.queries} queries), {record.latency_ms:.2f} ms/query"
         )
     typer.echo(f"{out}: " + "; ".join(parts) + f" in {report.seconds:.1f} s")
 
@@ -267,6 +289,77 @@ def index_info(
             typer.echo(f"    failed  {f['source']}: {f['reason']}")
         if len(c["failures"]) > 20:
             typer.echo(f"    ... {len(c['failures']) - 20} more (--json lists all)")
+
+
+# -- search ------------------------------------------------------------------------------------
+
+IndexDirOpt = Annotated[Path, typer.Option("--index", help="Index folder.")]
+KOpt = Annotated[int, typer.Option("-k", "--k", help="How many results.")]
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--where", help="Keep results whose FIELD=VALUE or FIELD~GLOB (path, text, metadata); repeatable."
+    ),
+]
+
+
+def _print_hits(hits: list[Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, default=str, ensure_ascii=False))
+        return
+    if not hits:
+        typer.echo("no results")
+        return
+    for h in hits:
+        label = h.path if h.path is not None else h.text
+        if h.text is not None and h.fields.get("image"):
+            label = f"{h.text}  [{h.fields['image']}]"
+        typer.echo(f"{h.rank:>3}  {h.score:7.4f}  {label}")
+
+
+def _search(
+    index: Path, device: str, target: str, where: list[str] | None, run: Any, as_json: bool, k: int
+) -> None:
+    from retrieval.search import Retriever, parse_where
+
+    with Retriever.open(index, device=device) as retriever:
+        allow = retriever.filter_ids(target, parse_where(where)) if where else None  # type: ignore[arg-type]
+        hits = run(retriever, k, allow)
+    _print_hits(hits, as_json)
+
+
+@search_app.command("text")
+def search_text(
+    query: Annotated[str, typer.Argument(help="The sentence to search for.")],
+    index: IndexDirOpt = Path("indexes/default"),
+    k: KOpt = 10,
+    target: Annotated[str, typer.Option("--target", help="images or captions.")] = "images",
+    where: WhereOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: Json = False,
+) -> None:
+    """Top images (or captions) for a sentence."""
+    _search(
+        index, device, target, where, lambda r, k, allow: r.search_text(query, k, target, allow), as_json, k
+    )
+
+
+@search_app.command("image")
+def search_image(
+    image: Annotated[Path, typer.Argument(help="The query image.")],
+    index: IndexDirOpt = Path("indexes/default"),
+    k: KOpt = 10,
+    target: Annotated[
+        str, typer.Option("--target", help="captions, or images for look-alikes.")
+    ] = "captions",
+    where: WhereOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: Json = False,
+) -> None:
+    """Top captions (or similar images) for an image."""
+    _search(
+        index, device, target, where, lambda r, k, allow: r.search_image(image, k, target, allow), as_json, k
+    )
 
 
 # -- entry points ------------------------------------------------------------------------------

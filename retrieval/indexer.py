@@ -29,6 +29,7 @@ import torch
 from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import ConfigError, InputError
 from retrieval.imaging import DEFAULT_MAX_PIXELS
+from retrieval.index import IndexConfig, IndexRecord, build_collection_index, live_vectors
 from retrieval.reader import read_images
 from retrieval.sources import (
     CAPTION_FORMATS,
@@ -89,6 +90,7 @@ class BuildConfig:
     image_shard_rows: int = 4096
     caption_shard_rows: int = 16384
     max_pixels: int = DEFAULT_MAX_PIXELS
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class BuildReport:
     fingerprint: str
     collections: dict[str, CollectionReport]
     seconds: float
+    indexes: dict[str, IndexRecord] = field(default_factory=dict)  # the indexes (re)built by this run
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +124,10 @@ class BuildReport:
                 k: vars(v) | {"seconds": round(v.seconds, 3)} for k, v in self.collections.items()
             },
         }
+
+
+# Failures about access rather than content (permissions, I/O) are retried on every run.
+_RETRIED = "cannot read"
 
 
 @dataclass
@@ -178,11 +185,14 @@ def build_index(
         try:
             builder = _Builder(store, encoder, config, progress or _Silent())
             collections = builder.run()
+            indexes = builder.build_indexes()
             store.collect_garbage()
         finally:
             if own_encoder:
                 encoder.close()
-        return BuildReport(config.out, builder.fingerprint.digest, collections, time.perf_counter() - started)
+        return BuildReport(
+            config.out, builder.fingerprint.digest, collections, time.perf_counter() - started, indexes
+        )
 
 
 class _Builder:
@@ -225,6 +235,36 @@ class _Builder:
         if self.config.captions or sidecars or "captions" in self.manifest.collections:
             reports["captions"] = self._captions(sidecars)
         return reports
+
+    def build_indexes(self) -> dict[str, IndexRecord]:
+        """(Re)build the FAISS index of every collection whose rows changed since its last one."""
+        built: dict[str, IndexRecord] = {}
+        for collection in ("images", "captions"):
+            state = self._state(collection)
+            if collection not in self.manifest.collections or state.counts.get("indexed", 0) == 0:
+                continue
+            source = _index_source(state)
+            wanted = self.config.index.kind
+            if (
+                state.index
+                and state.index.get("source") == source
+                and wanted in ("auto", state.index["kind"])
+            ):
+                continue
+            other = "captions" if collection == "images" else "images"
+            queries = None
+            if self._state(other).counts.get("indexed", 0):
+                blocks = [v for _, v in live_vectors(self.store, other)]
+                queries = np.concatenate(blocks) if blocks else None
+            self.progress.start(f"{collection} index", 1)
+            record = build_collection_index(self.store, collection, self.config.index, queries, other)
+            self.progress.advance(1)
+            self.progress.finish()
+            if record is None:
+                continue
+            self._commit(collection, replace(state, index={**record.to_dict(), "source": source}))
+            built[collection] = record
+        return built
 
     def _state(self, collection: str) -> CollectionState:
         return self.manifest.collections.get(collection, CollectionState())
@@ -369,8 +409,9 @@ class _Builder:
             if row is not None:
                 stale.append(row[0])
             before = previous.get(f.path)
-            if before is not None and (before.size, before.mtime_ns) == (f.size, f.mtime_ns):
-                outcomes.append(before)  # unchanged since it failed: not retried
+            unchanged = before is not None and (before.size, before.mtime_ns) == (f.size, f.mtime_ns)
+            if unchanged and before is not None and not before.reason.startswith(_RETRIED):
+                outcomes.append(before)  # its content failed and has not changed: not retried
                 continue
             plan.append(f)
         stale.extend(i for p, (i, _, _) in current.items() if p not in seen)
@@ -511,7 +552,8 @@ class _Builder:
         sources: list[tuple[str, Path, str | None]] = (
             [(s.path, images_root / s.path, s.image) for s in sidecars] if images_root else []
         )
-        sources += [(str(p.resolve()), p, None) for p in self.config.captions]
+        files = {str(p.resolve()): p for p in self.config.captions}  # the same file given twice counts once
+        sources += [(name, path, None) for name, path in files.items()]
         outcomes: list[Outcome] = []
         plan: list[tuple[CaptionRecord, int, int]] = []
         stale: list[int] = []
@@ -553,8 +595,20 @@ class _Builder:
                     pending[source] = (len(plan) - 1, list(stats))
                 else:
                     done[source] = list(stats)
-        if images_root is None:  # sidecars belong to the image folder, which this build leaves alone
-            present.update(source for source in ids_of if not Path(source).is_absolute())
+        # A run without an image folder leaves sidecar captions alone; one without --captions
+        # leaves caption files alone: their rows, outcomes and completion carry forward.
+        carried = {
+            source
+            for source in {*ids_of, *recorded, *state.sources}
+            if source not in present
+            and (
+                (images_root is None and not Path(source).is_absolute())
+                or (not files and Path(source).is_absolute())
+            )
+        }
+        present |= carried
+        outcomes.extend(o for o in old_outcomes if (o.parent or o.source) in carried)
+        done.update({k: v for k, v in state.sources.items() if k in carried})
         stale.extend(i for source, ids in ids_of.items() if source not in present for i in ids)
 
         if stale or state.outcomes is None or set(outcomes) != set(old_outcomes) or done != state.sources:
@@ -589,11 +643,12 @@ class _Builder:
             texts = [record.text for record, _, _ in chunk]
             hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
             todo = [k for k, h in enumerate(hashes) if h not in reuse]
-            ids, truncated = self.encoder.text_batcher.tokenize_flagged([texts[k] for k in todo])
-            vectors = self.encoder.encode_text_ids(ids)
-            fresh = dict(zip(todo, zip(vectors, truncated, strict=True), strict=True))
+            ids, truncated = self.encoder.text_batcher.tokenize_flagged(texts)  # flags for reused rows too
+            vectors = self.encoder.encode_text_ids([ids[k] for k in todo])
+            fresh = dict(zip(todo, vectors, strict=True))
             for k, (record, size_, mtime) in enumerate(chunk):
-                vector, cut = fresh[k] if k in fresh else (self._vector_at(reuse[hashes[k]], cache), False)
+                vector = fresh[k] if k in fresh else self._vector_at(reuse[hashes[k]], cache)
+                cut = bool(truncated[k])
                 shard.rows[start + k] = _Row(
                     {
                         "text": record.text,
@@ -618,6 +673,12 @@ class _Builder:
             self.progress.advance(len(chunk))
         self.progress.finish()
         return encoded, reused
+
+
+def _index_source(state: CollectionState) -> str:
+    """Which rows an index covers: the shards and the deletion file it was built from."""
+    names = [f.sha256 for f in state.shards] + [state.deleted.sha256 if state.deleted else ""]
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
 def _image_table(ids: list[int], rows: list[_Row], vectors: np.ndarray) -> pa.Table:

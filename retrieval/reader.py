@@ -62,7 +62,10 @@ def decode_file(
 
     Raises ``ValueError`` (or an ``OSError``) with a readable reason for anything unusable.
     """
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read: {e.strerror or e}") from e
     if not data:
         raise ValueError("empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()

@@ -122,6 +122,13 @@ def _walk(
     for name in names:
         rel = prefix + name
         path = folder / name
+        if not _utf8(name):
+            # Parquet and JSON need UTF-8: such a name could be stored only by renaming it.
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS or path.is_dir():
+                yield Outcome(
+                    rel.encode("utf-8", "replace").decode(), "skipped", "walk", "name is not valid UTF-8"
+                )
+            continue
         suffix = Path(name).suffix.lower()
         try:
             is_link = path.is_symlink()
@@ -197,9 +204,12 @@ def read_caption_file(path: Path, source: str | None = None) -> Iterator[Caption
 
 def _csv_rows(text: str, delimiter: str, path: Path) -> Iterator[dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    _require_text_column(reader.fieldnames or [], path)
-    for row in reader:
-        yield {k: v for k, v in row.items() if k is not None}
+    try:
+        _require_text_column(reader.fieldnames or [], path)
+        for row in reader:
+            yield {k: v for k, v in row.items() if k is not None}
+    except csv.Error as e:  # e.g. a field over the csv module's size limit
+        yield {"__error__": f"line {reader.line_num}: unreadable CSV ({e}); the rest of the file is not read"}
 
 
 def _jsonl_rows(text: str, path: Path) -> Iterator[dict[str, Any]]:
@@ -243,17 +253,28 @@ def _record(row: dict[str, Any], source: str, index: int) -> CaptionRecord | Out
     text = str(value)
     if _has_bad_bytes(text):
         return Outcome(where, "failed", "read", "caption is not valid UTF-8")
-    image_column = next((c for c in _IMAGE_COLUMNS if row.get(c)), None)
+    image_column = next((c for c in _IMAGE_COLUMNS if c in row), None)
     metadata = {k: v for k, v in row.items() if k != column and k != image_column}
     bad_meta = [k for k, v in metadata.items() if isinstance(v, str) and _has_bad_bytes(v)]
     for key in bad_meta:  # a damaged metadata field is dropped, the caption still counts
         metadata[key] = None
-    image = str(row[image_column]) if image_column else None
+    image = str(row[image_column]) if image_column and row[image_column] else None
+    if image is not None and _has_bad_bytes(image):
+        return Outcome(where, "failed", "read", "image name is not valid UTF-8")
+    metadata = {k: v for k, v in metadata.items() if isinstance(k, str) and _utf8(k)}
     return CaptionRecord(source, index, " ".join(text.split()), image=image, metadata=metadata)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _has_bad_bytes(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    return not _utf8(text)
 
 
 def _decode(data: bytes) -> str:

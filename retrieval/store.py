@@ -22,6 +22,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval import __version__
+from retrieval.checkpoint import file_sha256
 from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes
 from retrieval.errors import IndexMismatchError, StoreError
 from retrieval.sources import Outcome
@@ -42,6 +45,10 @@ __all__ = ["COLLECTIONS", "SCHEMA_VERSION", "CollectionState", "FileRef", "Manif
 SCHEMA_VERSION = 1
 COLLECTIONS = ("images", "captions")
 MANIFEST = "manifest.json"
+# The only names a store writes in a collection folder: anything else there is not ours to delete.
+_OWN_FILE = re.compile(
+    r"(shard-\d+\.parquet|deleted-g\d+\.parquet|outcomes-g\d+\.jsonl|index-\w+-g\d+\.faiss)"
+)
 _NORM_TOLERANCE = 1e-3
 
 
@@ -64,13 +71,14 @@ class CollectionState:
     deleted: FileRef | None = None
     outcomes: FileRef | None = None
     root: str | None = None  # images: the folder the paths are relative to
-    sources: dict[str, list[int]] = field(
-        default_factory=dict
-    )  # caption files fully indexed: [size, mtime_ns]
+    # Caption files fully indexed: path -> [size, mtime_ns].
+    sources: dict[str, list[int]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)  # indexed, skipped, failed
+    index: dict[str, Any] | None = None  # the FAISS index record (retrieval.index.IndexRecord)
 
     def files(self) -> list[FileRef]:
-        return [*self.shards, *(f for f in (self.deleted, self.outcomes) if f is not None)]
+        index = FileRef(**self.index["file"]) if self.index else None
+        return [*self.shards, *(f for f in (self.deleted, self.outcomes, index) if f is not None)]
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,7 @@ class Manifest:
                 outcomes=FileRef(**raw["outcomes"]) if raw.get("outcomes") else None,
                 root=raw.get("root"),
                 sources={k: list(v) for k, v in raw.get("sources", {}).items()},
+                index=raw.get("index"),
                 counts=dict(raw.get("counts", {})),
             )
         return cls(
@@ -146,13 +155,13 @@ class Store:
                 store.collect_garbage()
         except BaseException:
             if lock_fd is not None:
-                os.close(lock_fd)
+                _release_lock(folder, lock_fd)
             raise
         return store
 
     def close(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            _release_lock(self.folder, self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> Store:
@@ -208,12 +217,28 @@ class Store:
             if not folder.is_dir():
                 continue
             for path in folder.iterdir():
-                if f"{name}/{path.name}" not in named and path.is_file():
+                ours = _OWN_FILE.fullmatch(path.name) or TMP_MARKER in path.name
+                if ours and f"{name}/{path.name}" not in named and path.is_file():
                     path.unlink()
         for path in self.folder.glob(f".*{TMP_MARKER}*"):
             path.unlink()
 
     # -- reading ---------------------------------------------------------------------------------
+
+    def file_ref(self, name: str, rows: int) -> FileRef:
+        """A reference to a file already written in the folder (hashed as a stream)."""
+        path = self.folder / name
+        return FileRef(name, file_sha256(path), rows, path.stat().st_size)
+
+    def verify(self, ref: FileRef) -> None:
+        """Refuse a file whose bytes no longer hash to the manifest's sha256 (hashed as a stream)."""
+        path = self.folder / ref.file
+        try:
+            digest = file_sha256(path)
+        except OSError as e:
+            raise StoreError(f"{path}: missing or unreadable ({e.strerror or e})") from e
+        if digest != ref.sha256:
+            raise StoreError(f"{path} does not match its sha256 in the manifest (truncated or altered)")
 
     def read_file(self, ref: FileRef) -> bytes:
         """The bytes of ``ref``, refused unless they hash to what the manifest recorded."""
@@ -339,12 +364,40 @@ def _read_manifest(folder: Path) -> Manifest | None:
         raise StoreError(f"{path} is unreadable or damaged: {e}") from e
 
 
+# Folders this process holds the lock of. A POSIX record lock does not exclude its own process,
+# and closing any descriptor of the file would release it, so the process keeps its own table.
+_HELD: set[Path] = set()
+_HELD_GUARD = threading.Lock()
+
+
 def _take_lock(folder: Path) -> int:
+    key = folder.resolve()
+    with _HELD_GUARD:
+        if key in _HELD:
+            raise StoreError(f"{folder} is locked by another build (pid {os.getpid()}, this process)")
+        _HELD.add(key)
+    try:
+        return _lock_file(folder)
+    except BaseException:
+        with _HELD_GUARD:
+            _HELD.discard(key)
+        raise
+
+
+def _release_lock(folder: Path, fd: int) -> None:
+    os.close(fd)  # closing the descriptor releases the record lock
+    with _HELD_GUARD:
+        _HELD.discard(folder.resolve())
+
+
+def _lock_file(folder: Path) -> int:
     path = folder / ".lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        # A POSIX record lock, not flock: forked decoding workers must not inherit it, or it would
+        # outlive a killed build until its workers exit.
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise StoreError(

@@ -183,8 +183,20 @@ def test_other_model_is_refused_unless_rebuild(
 
 def test_one_writer_at_a_time(config: BuildConfig) -> None:
     build_index(config)
-    with Store.open(config.out, write=True), pytest.raises(StoreError, match="locked by another build"):
-        build_index(config)
+    with Store.open(config.out, write=True):
+        with pytest.raises(StoreError, match="locked by another build"):
+            build_index(config)
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from retrieval import Store; Store.open({str(config.out)!r}, write=True)",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert other.returncode != 0 and "locked by another build" in other.stderr
+    build_index(config)  # released on close
 
 
 def test_long_captions_are_truncated_and_flagged(
@@ -295,3 +307,79 @@ def test_sigkill_mid_build_then_rerun(config: BuildConfig, tmp_path: Path) -> No
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert canonical(config.out) == canonical(clean.out)
+
+
+def test_files_the_store_did_not_write_are_never_removed(config: BuildConfig) -> None:
+    mine = config.out / "images" / "holiday.png"
+    mine.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(mine)
+    (config.out / "notes.txt").write_text("mine")
+    build_index(config)
+    build_index(BuildConfig(**{**vars(config), "rebuild": True}))
+    assert mine.is_file() and (config.out / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_without_some_inputs_leaves_their_rows_alone(config: BuildConfig) -> None:
+    first = build_index(config).collections["captions"]
+    images_only = build_index(BuildConfig(**{**vars(config), "captions": ()})).collections["captions"]
+    assert (images_only.indexed, images_only.failed, images_only.skipped) == (
+        first.indexed,
+        first.failed,
+        first.skipped,
+    )
+    assert images_only.deleted == 0
+    captions_only = build_index(BuildConfig(**{**vars(config), "images": None})).collections["captions"]
+    assert (captions_only.indexed, captions_only.failed, captions_only.skipped) == (
+        first.indexed,
+        first.failed,
+        first.skipped,
+    )
+    assert captions_only.added == captions_only.deleted == 0
+    with Store.open(config.out) as store:
+        assert {o.source for o in store.outcomes("captions") if o.status == "failed"} == {"pic.txt"}
+
+
+def test_hostile_names_and_caption_files(tmp_path: Path, checkpoint: Path, towers: tuple[Path, Path]) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8), "red").save(images / "fine.png")
+    Image.new("RGB", (8, 8), "blue").save(os.fsdecode(bytes(images) + b"/caf\xe9.png"))
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(
+        '{"caption": "ok"}\n{"caption": "\\ud800 lone surrogate"}\n{"caption": "bad image", "image": "x"}\n'
+    )
+    csv_file = tmp_path / "c.csv"
+    csv_file.write_text("caption\nshort\n" + "x" * 200_000 + "\n")
+    config = BuildConfig(
+        out=tmp_path / "index",
+        images=images,
+        captions=(jsonl, csv_file, jsonl),
+        model=ModelSpec(checkpoint, *towers),
+        device="cpu",
+        workers=0,
+    )
+    report = build_index(config)
+    assert (report.collections["images"].indexed, report.collections["images"].skipped) == (1, 1)
+    captions = report.collections["captions"]
+    assert (captions.indexed, captions.failed) == (3, 2)  # the file given twice counts once
+    with Store.open(config.out) as store:
+        reasons = {o.source.rsplit("/", 1)[-1]: o.reason for o in store.outcomes("captions")}
+        assert reasons["c.jsonl#1"] == "caption is not valid UTF-8"
+        assert "unreadable CSV" in reasons["c.csv#1"]
+        assert next(o.reason for o in store.outcomes("images")) == "name is not valid UTF-8"
+    assert build_index(config).collections["captions"].added == 0
+
+
+def test_truncated_flag_survives_vector_reuse(
+    tmp_path: Path, checkpoint: Path, towers: tuple[Path, Path]
+) -> None:
+    captions = tmp_path / "c.txt"
+    captions.write_text(" ".join(["walking"] * 500) + "\n")
+    config = BuildConfig(
+        out=tmp_path / "idx", captions=(captions,), model=ModelSpec(checkpoint, *towers), device="cpu"
+    )
+    build_index(config)
+    captions.write_text(" ".join(["walking"] * 500) + "\na dog\n")  # changed file: rows re-planned
+    report = build_index(config).collections["captions"]
+    assert (report.reused, report.encoded) == (1, 1)
+    assert live(config.out, "captions").column("flags").to_pylist() == [["truncated"], []]
