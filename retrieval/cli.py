@@ -317,8 +317,21 @@ def _print_hits(hits: list[Any], as_json: bool) -> None:
         typer.echo(f"{h.rank:>3}  {h.score:7.4f}  {label}")
 
 
+GridOpt = Annotated[
+    Path | None, typer.Option("--grid", help="Also draw image results as a contact sheet PNG.")
+]
+
+
 def _search(
-    index: Path, device: str, target: str, where: list[str] | None, run: Any, as_json: bool, k: int
+    index: Path,
+    device: str,
+    target: str,
+    where: list[str] | None,
+    run: Any,
+    as_json: bool,
+    k: int,
+    grid: Path | None,
+    title: str,
 ) -> None:
     from retrieval.search import Retriever, parse_where
 
@@ -326,6 +339,13 @@ def _search(
         allow = retriever.filter_ids(target, parse_where(where)) if where else None  # type: ignore[arg-type]
         hits = run(retriever, k, allow)
     _print_hits(hits, as_json)
+    if grid is not None:
+        from retrieval.sheet import contact_sheet
+
+        paths = [(h.path, f"#{h.rank}  {h.score:.3f}") for h in hits if h.path is not None]
+        contact_sheet(paths, grid, title=title)
+        if not as_json:
+            typer.echo(f"contact sheet: {grid}")
 
 
 @search_app.command("text")
@@ -336,12 +356,15 @@ def search_text(
     target: Annotated[str, typer.Option("--target", help="images or captions.")] = "images",
     where: WhereOpt = None,
     device: DeviceOpt = "auto",
+    grid: GridOpt = None,
     as_json: Json = False,
 ) -> None:
     """Top images (or captions) for a sentence."""
-    _search(
-        index, device, target, where, lambda r, k, allow: r.search_text(query, k, target, allow), as_json, k
-    )
+
+    def run(retriever: Any, k: int, allow: Any) -> Any:
+        return retriever.search_text(query, k, target, allow)
+
+    _search(index, device, target, where, run, as_json, k, grid, f"search text: {query}")
 
 
 @search_app.command("image")
@@ -354,12 +377,98 @@ def search_image(
     ] = "captions",
     where: WhereOpt = None,
     device: DeviceOpt = "auto",
+    grid: GridOpt = None,
     as_json: Json = False,
 ) -> None:
     """Top captions (or similar images) for an image."""
-    _search(
-        index, device, target, where, lambda r, k, allow: r.search_image(image, k, target, allow), as_json, k
-    )
+
+    def run(retriever: Any, k: int, allow: Any) -> Any:
+        return retriever.search_image(image, k, target, allow)
+
+    _search(index, device, target, where, run, as_json, k, grid, f"search image: {image.name}")
+
+
+# -- classify and embed -------------------------------------------------------------------------
+
+
+@app.command()
+def classify(
+    images: Annotated[list[Path], typer.Argument(help="Images to classify.")],
+    labels: Annotated[str | None, typer.Option("--labels", help="Comma-separated labels.")] = None,
+    labels_file: Annotated[Path | None, typer.Option("--labels-file", help="A label per line.")] = None,
+    template: Annotated[
+        str, typer.Option("--template", help="Prompt; {} is the label.")
+    ] = "a photo of a {}.",
+    top: Annotated[int, typer.Option("--top", help="Labels shown per image.")] = 5,
+    checkpoint: CheckpointOpt = Path("checkpoints/best_checkpoint.pt"),
+    text_model: TextModelOpt = Path("models/bert-base-uncased"),
+    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    trust_checkpoint: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    as_json: Json = False,
+) -> None:
+    """Zero-shot classification: rank labels for each image, with softmax probabilities."""
+    from retrieval.encoder import Encoder, ModelSpec
+    from retrieval.errors import ConfigError
+    from retrieval.zeroshot import classify as zero_shot
+
+    if (labels is None) == (labels_file is None):
+        raise ConfigError("give --labels or --labels-file (one of them)")
+    names = labels.split(",") if labels is not None else labels_file.read_text(encoding="utf-8").splitlines()  # type: ignore[union-attr]
+    spec = ModelSpec(checkpoint, text_model, vision_model, trust_checkpoint=trust_checkpoint)
+    with Encoder.load(spec, device=device) as encoder:
+        ranked = zero_shot(encoder, images, names, template)
+    result = [
+        {"image": str(path), "labels": [vars(s) for s in scores[:top]]}
+        for path, scores in zip(images, ranked, strict=True)
+    ]
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for path, scores in zip(images, ranked, strict=True):
+        typer.echo(str(path))
+        for score in scores[:top]:
+            typer.echo(f"  {score.probability:6.1%}  {score.label}  (cosine {score.score:.3f})")
+
+
+@app.command()
+def embed(
+    modality: Annotated[str, typer.Argument(help="text or image.")],
+    inputs: Annotated[list[str], typer.Argument(help="Texts, or image paths.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write vectors to FILE.npy or FILE.parquet.")
+    ] = None,
+    checkpoint: CheckpointOpt = Path("checkpoints/best_checkpoint.pt"),
+    text_model: TextModelOpt = Path("models/bert-base-uncased"),
+    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    trust_checkpoint: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    as_json: Json = False,
+) -> None:
+    """Feature extraction: unit-norm vectors for texts or images, with the model's preprocessing."""
+    from retrieval.embed import write_vectors
+    from retrieval.encoder import Encoder, ModelSpec
+    from retrieval.errors import ConfigError
+
+    if modality not in ("text", "image"):
+        raise ConfigError(f"modality must be text or image, got {modality!r}")
+    spec = ModelSpec(checkpoint, text_model, vision_model, trust_checkpoint=trust_checkpoint)
+    with Encoder.load(spec, device=device, precision=precision) as encoder:
+        vectors = encoder.encode_texts(inputs) if modality == "text" else encoder.encode_images(inputs)
+        digest = encoder.fingerprint.digest if encoder.fingerprint else ""
+    if out is not None:
+        write_vectors(out, inputs, vectors, "text" if modality == "text" else "path", digest)
+    if as_json:
+        key = "text" if modality == "text" else "path"
+        typer.echo(
+            json.dumps([{key: i, "embedding": v.tolist()} for i, v in zip(inputs, vectors, strict=True)])
+        )
+    elif out is not None:
+        typer.echo(f"{len(inputs)} vectors of dimension {vectors.shape[1]} -> {out}")
+    else:
+        for item, vector in zip(inputs, vectors, strict=True):
+            typer.echo(f"{item}: [{', '.join(f'{x:.4f}' for x in vector[:6])}, ...] ({len(vector)} dims)")
 
 
 # -- entry points ------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ class IndexRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexRecord:
         names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in names} | {"file": FileRef(**data["file"])})
+        known = {"refine": None} | {k: v for k, v in data.items() if k in names}
+        return cls(**known | {"file": FileRef(**data["file"])})
 
 
 def live_vectors(

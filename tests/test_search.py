@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 from corpus import GOOD, make_corpus
 
@@ -261,3 +262,72 @@ def test_search_cli(built: BuildConfig) -> None:
         timeout=300,
     )
     assert bad.returncode == 2 and "no field 'nope'" in bad.stderr
+
+
+def test_zero_shot_uses_the_learned_temperature(built: BuildConfig) -> None:
+    from retrieval.zeroshot import classify
+
+    labels = ["dog", "red flag", "car"]
+    image = built.images / "clipart" / "flag.png"
+    with Encoder.load(built.model, device="cpu") as encoder:
+        ranked = classify(encoder, [image], labels, "a picture of a {}")[0]
+        cosine = (
+            encoder.encode_images([image]) @ encoder.encode_texts([f"a picture of a {x}" for x in labels]).T
+        )
+        logits = cosine[0] / encoder.temperature
+        expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert [s.label for s in ranked] == [labels[i] for i in np.argsort(-expected)]
+    np.testing.assert_allclose([s.probability for s in ranked], np.sort(expected)[::-1], rtol=1e-5)
+    assert sum(s.probability for s in ranked) == pytest.approx(1.0)
+
+
+def test_embed_and_contact_sheet_cli(built: BuildConfig, tmp_path: Path) -> None:
+    from PIL import Image as PILImage
+
+    retrieval = str(Path(sys.executable).parent / "retrieval")
+    model = [
+        "--checkpoint",
+        str(built.model.checkpoint),
+        "--text-model",
+        str(built.model.text_model),
+        "--vision-model",
+        str(built.model.vision_model),
+    ]
+    for suffix in ("npy", "parquet"):
+        out = tmp_path / f"v.{suffix}"
+        result = subprocess.run(
+            [retrieval, "embed", "text", "a dog", "a cat", "--out", str(out), *model, "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        stored = (
+            np.load(out)
+            if suffix == "npy"
+            else embedding_matrix(pa.parquet.read_table(out).column("embedding"), 16)
+        )
+        with Encoder.load(built.model, device="cpu") as encoder:
+            np.testing.assert_allclose(stored, encoder.encode_texts(["a dog", "a cat"]), atol=1e-6)
+    sheet = tmp_path / "sheet.png"
+    search = str(Path(sys.executable).parent / "search")
+    result = subprocess.run(
+        [
+            search,
+            "text",
+            "a dog",
+            "--index",
+            str(built.out),
+            "-k",
+            "7",
+            "--grid",
+            str(sheet),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert PILImage.open(sheet).size == (5 * 192, 18 + 2 * (192 + 18))
