@@ -13,7 +13,6 @@ function) could run code while loading, so it is refused unless the caller trust
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -24,11 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrieval.durable import file_sha256
 from retrieval.errors import CheckpointError
 
 __all__ = ["Checkpoint", "CheckpointInfo", "file_sha256", "load_checkpoint"]
-
-_HASH_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -57,15 +55,6 @@ class Checkpoint:
     @property
     def info(self) -> CheckpointInfo:
         return CheckpointInfo(self.path, self.sha256, self.epoch, self.global_step, self.best_loss)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in bounded chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _numpy_safe_globals() -> list[Any]:

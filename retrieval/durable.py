@@ -8,15 +8,26 @@ use it to stop a build at every write point in turn.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CRASH_ENV", "atomic_write", "atomic_write_bytes", "fsync_dir", "write_count"]
+__all__ = ["CRASH_ENV", "atomic_write", "atomic_write_bytes", "file_sha256", "fsync_dir", "write_count"]
 
 CRASH_ENV = "RETRIEVAL_CRASH_AT_WRITE"
 TMP_MARKER = ".tmp-"
 _writes = 0
+_HASH_CHUNK = 8 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in bounded chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_dir(folder: Path) -> None:

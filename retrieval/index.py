@@ -180,7 +180,7 @@ def _exact(store: Store, collection: str, queries: np.ndarray, k: int) -> np.nda
     """Ids of the exact top-k of ``queries``, streamed block by block over the shards."""
     best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_ids = np.full((len(queries), k), -1, dtype=np.int64)
-    for ids, vectors in live_vectors(store, collection):
+    for ids, vectors in live_vectors(store, collection, block=8192):  # (q, 8192) scores at a time
         scores = queries @ vectors.T  # (q, b)
         top = min(k, scores.shape[1])
         part = np.argpartition(-scores, top - 1, axis=1)[:, :top]

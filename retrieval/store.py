@@ -35,8 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval import __version__
-from retrieval.checkpoint import file_sha256
-from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes
+from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes, file_sha256
 from retrieval.errors import IndexMismatchError, StoreError
 from retrieval.sources import Outcome
 
