@@ -40,6 +40,7 @@ test-slow: install
 bench: install
 	$(BIN)/python benchmarks/bench_encoder.py
 	$(BIN)/python benchmarks/bench_indexing.py
+	$(BIN)/python benchmarks/bench_search.py
 
 demo: install
 	@echo "make demo: the demo corpus, demo checkpoint and index are not built yet."

@@ -205,7 +205,13 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 def _tune(
     index: SearchIndex, queries: np.ndarray, truth: np.ndarray, target: float, limit: int
 ) -> tuple[int | None, int | None, float]:
-    """The cheapest (value, refine) whose recall@k reaches ``target`` (else the most thorough)."""
+    """The cheapest (value, refine) whose recall@k reaches ``target`` (else the most thorough).
+
+    The measured recall must clear the target by two standard errors of its own estimate, so that
+    the choice holds on queries other than the ones it was tuned with.
+    """
+    hits = truth.size
+    margin = 2 * np.sqrt(target * (1 - target) / max(hits, 1))
     steps = [s for s in (_HNSW_STEPS if index.kind == "hnsw" else _IVF_STEPS) if s <= limit] or [limit]
     factors: tuple[int | None, ...] = _REFINE_FACTORS if index.kind == "ivfpq" else (None,)
     # Cost grows with both: the lists scanned, and the candidates re-ranked.
@@ -215,7 +221,7 @@ def _tune(
         index.refine = factor
         ids, _ = index.search(queries, truth.shape[1], value=value)
         recall = recall_at(ids, truth)
-        if recall >= target:
+        if recall >= min(target + margin, 1.0):
             return value, factor, recall
         if recall > best[2]:
             best = (value, factor, recall)
