@@ -21,6 +21,9 @@ _EXPORTS = {
     "BuildReport": "retrieval.indexer",
     "build_index": "retrieval.indexer",
     "Store": "retrieval.store",
+    "Retriever": "retrieval.search",
+    "Hit": "retrieval.search",
+    "IndexConfig": "retrieval.index",
     "StoreError": "retrieval.errors",
     "IndexMismatchError": "retrieval.errors",
     "CheckpointError": "retrieval.errors",
@@ -42,6 +45,8 @@ __all__ = [
     "CheckpointInfo",
     "ConfigError",
     "Encoder",
+    "Hit",
+    "IndexConfig",
     "IndexMismatchError",
     "InputError",
     "ModelError",
@@ -49,6 +54,7 @@ __all__ = [
     "ModelSpec",
     "MultiModalEncoder",
     "RetrievalError",
+    "Retriever",
     "Runtime",
     "Store",
     "StoreError",
@@ -72,9 +78,11 @@ if TYPE_CHECKING:
         StoreError,
     )
     from retrieval.fingerprint import ModelFingerprint
+    from retrieval.index import IndexConfig
     from retrieval.indexer import BuildConfig, BuildReport, build_index
     from retrieval.model import MultiModalEncoder
     from retrieval.runtime import Runtime, resolve_runtime
+    from retrieval.search import Hit, Retriever
     from retrieval.store import Store
 
 

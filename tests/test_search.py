@@ -13,9 +13,17 @@ import pyarrow.parquet
 import pytest
 from corpus import GOOD, make_corpus
 
-from retrieval import BuildConfig, Encoder, IndexMismatchError, ModelSpec, Store, StoreError, build_index
+from retrieval import (
+    BuildConfig,
+    Encoder,
+    IndexMismatchError,
+    ModelSpec,
+    Retriever,
+    Store,
+    StoreError,
+    build_index,
+)
 from retrieval.index import IndexConfig, build_collection_index, load_index, recall_at
-from retrieval.search import Retriever
 from retrieval.store import CollectionState, Manifest, embedding_array, embedding_matrix
 
 
