@@ -285,6 +285,13 @@ def index_info(
             f"  {name:<9} {c['indexed']} indexed, {c['skipped']} skipped, {c['failed']} failed "
             f"({c['shards']} shards, {c['deleted']} deleted rows)"
         )
+        if c["index"]:
+            index = c["index"]
+            tuned = f" {index['param']}={index['value']}" if index["param"] else ""
+            typer.echo(
+                f"    index {index['kind']}{tuned}: recall@10 {index['recall_at_10']} vs exact "
+                f"({index['queries']} queries), {index['latency_ms']} ms/query"
+            )
         for f in c["failures"][:20]:
             typer.echo(f"    failed  {f['source']}: {f['reason']}")
         if len(c["failures"]) > 20:

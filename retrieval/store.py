@@ -301,6 +301,7 @@ class Store:
                 "deleted": state.deleted.rows if state.deleted else 0,
                 "next_id": state.next_id,
                 "root": state.root,
+                "index": state.index,
                 "failures": [
                     {"source": o.source, "stage": o.stage, "reason": o.reason}
                     for o in outcomes
