@@ -176,8 +176,8 @@ class SearchIndex:
         return faiss.SearchParameters(sel=selector) if selector is not None else None
 
 
-def _exact(store: Store, collection: str, queries: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the exact top-k of ``queries``, streamed block by block over the shards."""
+def _exact(store: Store, collection: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and scores of the exact top-k of ``queries``, streamed block by block over the shards."""
     best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_ids = np.full((len(queries), k), -1, dtype=np.int64)
     for ids, vectors in live_vectors(store, collection, block=8192):  # (q, 8192) scores at a time
@@ -189,28 +189,43 @@ def _exact(store: Store, collection: str, queries: np.ndarray, k: int) -> np.nda
         order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
         best_scores = np.take_along_axis(merged_scores, order, 1)
         best_ids = np.take_along_axis(merged_ids, order, 1)
-    return best_ids
+    return best_ids, best_scores
 
 
-def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean fraction of each row of ``truth`` (valid ids only) present in the same row of ``found``."""
+def recall_at(
+    found: np.ndarray,
+    truth: np.ndarray,
+    found_scores: np.ndarray | None = None,
+    truth_scores: np.ndarray | None = None,
+    tolerance: float = 1e-5,
+) -> float:
+    """Mean fraction of each row of ``truth`` (valid ids only) that ``found`` recovers.
+
+    With scores, a found item also counts when it ties the k-th exact score (within
+    ``tolerance``): among near-equal scores, which one ranks first is float rounding, not recall.
+    """
     hits = total = 0
-    for f, t in zip(found, truth, strict=True):
-        t = t[t >= 0]
-        hits += len(np.intersect1d(f, t))
-        total += len(t)
+    for row, (f, t) in enumerate(zip(found, truth, strict=True)):
+        valid = t >= 0
+        total += int(valid.sum())
+        if found_scores is not None and truth_scores is not None and valid.any():
+            kth = truth_scores[row][valid].min()
+            good = (f >= 0) & (found_scores[row] >= kth - tolerance)
+            hits += min(int(good.sum()), int(valid.sum()))
+        else:
+            hits += len(np.intersect1d(f, t[valid]))
     return hits / total if total else 1.0
 
 
 def _tune(
-    index: SearchIndex, queries: np.ndarray, truth: np.ndarray, target: float, limit: int
+    index: SearchIndex, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], target: float, limit: int
 ) -> tuple[int | None, int | None, float]:
     """The cheapest (value, refine) whose recall@k reaches ``target`` (else the most thorough).
 
     The measured recall must clear the target by two standard errors of its own estimate, so that
     the choice holds on queries other than the ones it was tuned with.
     """
-    hits = truth.size
+    hits = truth[0].size
     margin = 2 * np.sqrt(target * (1 - target) / max(hits, 1))
     steps = [s for s in (_HNSW_STEPS if index.kind == "hnsw" else _IVF_STEPS) if s <= limit] or [limit]
     factors: tuple[int | None, ...] = _REFINE_FACTORS if index.kind == "ivfpq" else (None,)
@@ -219,8 +234,8 @@ def _tune(
     best = (trials[-1][0], trials[-1][1], -1.0)
     for value, factor in trials:
         index.refine = factor
-        ids, _ = index.search(queries, truth.shape[1], value=value)
-        recall = recall_at(ids, truth)
+        ids, scores = index.search(queries, truth[0].shape[1], value=value)
+        recall = recall_at(ids, truth[0], scores, truth[1])
         if recall >= min(target + margin, 1.0):
             return value, factor, recall
         if recall > best[2]:
@@ -271,7 +286,8 @@ def build_collection_index(
     value: int | None = None
     refine: int | None = None
     if param is None:
-        recall = recall_at(search_index.search(queries, k)[0], truth)
+        found, found_scores = search_index.search(queries, k)
+        recall = recall_at(found, truth[0], found_scores, truth[1])
     else:
         limit = _nlist(n) if kind in ("ivf", "ivfpq") else max(_HNSW_STEPS)
         value, refine, recall = _tune(search_index, queries, truth, config.target_recall, limit)

@@ -339,3 +339,14 @@ def test_embed_and_contact_sheet_cli(built: BuildConfig, tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stderr
     assert PILImage.open(sheet).size == (5 * 192, 18 + 2 * (192 + 18))
+
+
+def test_recall_counts_ties_at_the_kth_score() -> None:
+    truth_ids = np.array([[1, 2, 3]])
+    truth_scores = np.array([[0.9, 0.5, 0.5]], dtype=np.float32)
+    found = np.array([[1, 2, 4]])  # 4 ties 3 at the k-th score
+    found_scores = np.array([[0.9, 0.5, 0.5]], dtype=np.float32)
+    assert recall_at(found, truth_ids) == pytest.approx(2 / 3)
+    assert recall_at(found, truth_ids, found_scores, truth_scores) == 1.0
+    worse = np.array([[0.9, 0.5, 0.4]], dtype=np.float32)
+    assert recall_at(found, truth_ids, worse, truth_scores) == pytest.approx(2 / 3)
