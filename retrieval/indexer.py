@@ -414,7 +414,15 @@ class _Builder:
                 outcomes.append(before)  # its content failed and has not changed: not retried
                 continue
             plan.append(f)
-        stale.extend(i for p, (i, _, _) in current.items() if p not in seen)
+        # A folder that could not be listed this time keeps its rows: absent is not removed.
+        unlisted = tuple(
+            "" if o.source == "." else o.source + "/"
+            for o in outcomes
+            if o.stage == "walk" and o.reason.startswith("cannot list")
+        )
+        stale.extend(
+            i for p, (i, _, _) in current.items() if p not in seen and not p.startswith(unlisted or ("\0",))
+        )
 
         if (
             stale

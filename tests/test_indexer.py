@@ -383,3 +383,24 @@ def test_truncated_flag_survives_vector_reuse(
     report = build_index(config).collections["captions"]
     assert (report.reused, report.encoded) == (1, 1)
     assert live(config.out, "captions").column("flags").to_pylist() == [["truncated"], []]
+
+
+def test_a_folder_that_cannot_be_listed_keeps_its_rows(
+    config: BuildConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_index(config)
+    real_listdir = os.listdir
+
+    def flaky(path: os.PathLike[str] | str) -> list[str]:
+        if Path(path).name == "photos":
+            raise PermissionError(13, "Permission denied")
+        return real_listdir(path)
+
+    monkeypatch.setattr("retrieval.sources.os.listdir", flaky)
+    report = build_index(config).collections["images"]
+    assert report.deleted == 0 and report.indexed == len(GOOD)
+    with Store.open(config.out) as store:
+        assert any(o.source == "photos" and "cannot list" in o.reason for o in store.outcomes("images"))
+    monkeypatch.setattr("retrieval.sources.os.listdir", real_listdir)
+    again = build_index(config).collections["images"]
+    assert (again.encoded, again.deleted, again.indexed) == (0, 0, len(GOOD))
