@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import make_captions, make_images, make_model_dir, rate
+from common import make_captions, make_images, make_model_dir, rate, seed_caption_loop, seed_image_loop
 
 from retrieval import Encoder
 
@@ -67,18 +67,11 @@ def main() -> None:
             if gpu:
                 torch.cuda.synchronize(runtime.device)
 
-        def seed_image_loop() -> None:
-            with torch.no_grad(), runtime.autocast():
-                for path in paths[:n_seed_images]:
-                    image = Image.open(path).convert("RGB")
-                    inputs = model.image_processor(images=[image], return_tensors="pt")
-                    model.encode_image(inputs).cpu()
+        def seed_images() -> None:
+            seed_image_loop(model, runtime, paths[:n_seed_images])
 
-        def seed_text_loop() -> None:
-            with torch.no_grad(), runtime.autocast():
-                for caption in captions[:n_seed_texts]:
-                    inputs = model.text_tokenizer(caption, return_tensors="pt", padding=True, truncation=True)
-                    model.encode_text(inputs).cpu()
+        def seed_captions() -> None:
+            seed_caption_loop(model, runtime, captions[:n_seed_texts])
 
         pixels = torch.randn(batch, 3, 224, 224, device=runtime.device)
 
@@ -105,11 +98,11 @@ def main() -> None:
                 lambda: encoder.encode_images(paths[:n_images], batch), n_images, sync
             ),
             "images_per_s_pure_forward": rate(pure_forward, n_images - n_images % batch or batch, sync),
-            "images_per_s_seed_loop": rate(seed_image_loop, n_seed_images, sync),
+            "images_per_s_seed_loop": rate(seed_images, n_seed_images, sync),
             "captions_per_s_encode_texts": rate(
                 lambda: encoder.encode_texts(captions[:n_texts]), n_texts, sync
             ),
-            "captions_per_s_seed_loop": rate(seed_text_loop, n_seed_texts, sync),
+            "captions_per_s_seed_loop": rate(seed_captions, n_seed_texts, sync),
             "captions_per_s_tokenize_only": rate(
                 lambda: sum(1 for _ in encoder.text_batcher.batches(captions[:n_texts], 512)), n_texts, sync
             ),

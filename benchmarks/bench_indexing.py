@@ -30,8 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import make_captions, make_images, make_model_dir, openclipart_images, rate
-from PIL import Image
+from common import (
+    make_captions,
+    make_images,
+    make_model_dir,
+    openclipart_images,
+    rate,
+    seed_caption_loop,
+    seed_image_loop,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -126,17 +133,11 @@ def main() -> None:
                 for _ in range(0, n_forward, batch):
                     model.encode_image({"pixel_values": pixels})
 
-        def seed_image_loop() -> None:
-            with torch.no_grad(), runtime.autocast():
-                for path in paths[:n_seed]:
-                    image = Image.open(path).convert("RGB")
-                    model.encode_image(model.image_processor(images=[image], return_tensors="pt")).cpu()
+        def seed_images() -> None:
+            seed_image_loop(model, runtime, paths[:n_seed])
 
-        def seed_caption_loop() -> None:
-            with torch.no_grad(), runtime.autocast():
-                for caption in captions[:n_seed_captions]:
-                    inputs = model.text_tokenizer(caption, return_tensors="pt", padding=True, truncation=True)
-                    model.encode_text(inputs).cpu()
+        def seed_captions() -> None:
+            seed_caption_loop(model, runtime, captions[:n_seed_captions])
 
         def index(what: str, **inputs: object) -> float:
             config = BuildConfig(out=root / f"index-{what}", model=spec, workers=args.workers, **inputs)
@@ -163,12 +164,12 @@ def main() -> None:
             "corpus": corpus,
             "images_per_s_index_build": n_images / seconds,
             "images_per_s_pure_forward": rate(pure_forward, n_forward, sync),
-            "images_per_s_seed_loop": rate(seed_image_loop, n_seed, sync),
+            "images_per_s_seed_loop": rate(seed_images, n_seed, sync),
             "images_per_s_decode_only": rate(reader_only, n_images),
         }
         caption_seconds = index("captions", captions=(root / "captions.txt",))
         figures["captions_per_s_index_build"] = n_captions / caption_seconds
-        figures["captions_per_s_seed_loop"] = rate(seed_caption_loop, n_seed_captions, sync)
+        figures["captions_per_s_seed_loop"] = rate(seed_captions, n_seed_captions, sync)
         encoder.close()
 
         sizes = [int(s) for s in args.memory_sizes.split(",") if s]

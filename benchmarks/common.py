@@ -14,7 +14,7 @@ from transformers import BertConfig, ViTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval import ModelSpec, MultiModalEncoder
+from retrieval import ModelSpec, MultiModalEncoder, Runtime
 
 OPENCLIPART = Path("/usr/share/openclipart/png")
 WORDS = (
@@ -96,3 +96,19 @@ def rate(fn: Callable[[], object], items: int, sync: Callable[[], None] = lambda
     fn()
     sync()
     return items / (time.perf_counter() - start)
+
+
+def seed_image_loop(model: MultiModalEncoder, runtime: Runtime, paths: list[Path]) -> None:
+    """The users' manual, one image at a time: the baseline every image ratio is taken against."""
+    with torch.no_grad(), runtime.autocast():
+        for path in paths:
+            image = Image.open(path).convert("RGB")
+            model.encode_image(model.image_processor(images=[image], return_tensors="pt")).cpu()
+
+
+def seed_caption_loop(model: MultiModalEncoder, runtime: Runtime, captions: list[str]) -> None:
+    """The users' manual, one caption at a time."""
+    with torch.no_grad(), runtime.autocast():
+        for caption in captions:
+            inputs = model.text_tokenizer(caption, return_tensors="pt", padding=True, truncation=True)
+            model.encode_text(inputs).cpu()

@@ -85,6 +85,15 @@ def live_vectors(
             yield ids[start : start + block], vectors[start : start + block]
 
 
+def live_count(store: Store, collection: str) -> int:
+    """How many rows of ``collection`` are in search, from the id column alone."""
+    deleted = store.deleted_ids(collection)
+    return sum(
+        int((~np.isin(t.column("id").to_numpy(), deleted)).sum())
+        for _, t in store.iter_shards(collection, ["id"])
+    )
+
+
 def _choose(kind: IndexKind, n: int, dim: int, budget: int | None) -> str:
     if kind != "auto":
         return kind
@@ -120,7 +129,7 @@ def _make(kind: str, n: int, dim: int) -> faiss.Index:
 
 def _sample(store: Store, collection: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """Up to ``size`` live vectors, chosen uniformly, read one block at a time."""
-    total = sum(len(ids) for ids, _ in live_vectors(store, collection))
+    total = live_count(store, collection)
     if total == 0:
         return np.empty((0, 0), dtype=np.float32)
     chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
@@ -143,10 +152,6 @@ class SearchIndex:
         self.param = param
         self.value = value
         self.refine = refine
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
 
     def search(
         self, queries: np.ndarray, k: int, allow_ids: np.ndarray | None = None, value: int | None = None
@@ -264,7 +269,7 @@ def build_collection_index(
         raise ConfigError("target recall must be in (0, 1]")
     started = time.perf_counter()
     rng = np.random.default_rng(config.seed)
-    n = sum(len(ids) for ids, _ in live_vectors(store, collection))
+    n = live_count(store, collection)
     if n == 0:
         return None
     dim = int(store.manifest.model["fingerprint"]["dim"]) if store.manifest else 0
