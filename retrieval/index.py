@@ -22,6 +22,7 @@ import numpy as np
 
 from retrieval.durable import atomic_write
 from retrieval.errors import ConfigError, StoreError
+from retrieval.metrics import exact_scan
 from retrieval.store import FileRef, Store, embedding_matrix
 
 __all__ = ["IndexConfig", "IndexKind", "IndexRecord", "SearchIndex", "build_collection_index", "live_vectors"]
@@ -183,18 +184,8 @@ class SearchIndex:
 
 def _exact(store: Store, collection: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Ids and scores of the exact top-k of ``queries``, streamed block by block over the shards."""
-    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
-    for ids, vectors in live_vectors(store, collection, block=8192):  # (q, 8192) scores at a time
-        scores = queries @ vectors.T  # (q, b)
-        top = min(k, scores.shape[1])
-        part = np.argpartition(-scores, top - 1, axis=1)[:, :top]
-        merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, part, 1)], axis=1)
-        merged_ids = np.concatenate([best_ids, ids[part]], axis=1)
-        order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
-        best_scores = np.take_along_axis(merged_scores, order, 1)
-        best_ids = np.take_along_axis(merged_ids, order, 1)
-    return best_ids, best_scores
+    ids, scores, _ = exact_scan(queries, live_vectors(store, collection, block=8192), k)
+    return ids, scores
 
 
 def recall_at(

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +30,7 @@ from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import ConfigError, InputError
 from retrieval.imaging import DEFAULT_MAX_PIXELS
 from retrieval.index import IndexConfig, IndexRecord, build_collection_index, live_vectors
+from retrieval.progress import Progress, Silent
 from retrieval.reader import read_images
 from retrieval.sources import (
     CAPTION_FORMATS,
@@ -53,25 +54,6 @@ from retrieval.store import (
 )
 
 __all__ = ["BuildConfig", "BuildReport", "CollectionReport", "Progress", "build_index"]
-
-
-class Progress(Protocol):
-    """Where a long build reports how far it is (the CLI draws a bar; the library prints nothing)."""
-
-    def start(self, stage: str, total: int) -> None: ...
-    def advance(self, n: int) -> None: ...
-    def finish(self) -> None: ...
-
-
-class _Silent:
-    def start(self, stage: str, total: int) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -183,7 +165,7 @@ def build_index(
                 image_batch_size=config.batch_size,
             )
         try:
-            builder = _Builder(store, encoder, config, progress or _Silent())
+            builder = _Builder(store, encoder, config, progress or Silent())
             collections = builder.run()
             indexes = builder.build_indexes()
             store.collect_garbage()

@@ -1,0 +1,101 @@
+"""The command line: typer apps that parse, call one library function and format the result.
+
+``retrieval`` holds every command; ``index`` and ``search`` are its two groups as console scripts
+of their own. Library errors become one line on stderr and exit code 2 (the traceback only with
+``--debug``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Annotated
+
+import typer
+
+from retrieval.cli import evaluate, index, model, search
+from retrieval.errors import RetrievalError
+
+__all__ = ["app", "index_app", "main", "run", "search_app"]
+
+EXIT_ERROR = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+
+def _group(name: str, help_text: str) -> typer.Typer:
+    return typer.Typer(
+        name=name,
+        help=help_text,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+
+
+app = _group("retrieval", "Multimodal retrieval with a BERT + ViT dual-encoder checkpoint.")
+index_app = _group("index", "Build and inspect index folders.")
+search_app = _group("search", "Search an index by text, image or vector.")
+model_app = _group("model", "Inspect a model checkpoint and its towers.")
+app.add_typer(index_app)
+app.add_typer(search_app)
+app.add_typer(model_app)
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]
+
+
+def _accept_debug(debug: Debug = False) -> None:
+    """``--debug`` is read by ``run`` before parsing; declaring it here documents and accepts it."""
+
+
+for _app in (app, index_app, search_app):
+    _app.callback()(_accept_debug)
+
+
+# The command line is this table: command name -> the function that parses it and calls the library.
+app.command("version")(model.version)
+app.command("classify")(model.classify)
+app.command("embed")(model.embed)
+app.command("eval")(evaluate.evaluate)
+model_app.command("info")(model.model_info)
+index_app.command("build")(index.index_build)
+index_app.command("info")(index.index_info)
+search_app.command("text")(search.search_text)
+search_app.command("image")(search.search_image)
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+
+def run(typer_app: typer.Typer, argv: Sequence[str] | None = None) -> None:
+    """Run ``typer_app``, turning errors into one line and an exit code (unless ``--debug``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # towers load from local folders only
+    if not debug:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    try:
+        typer_app(args=args, prog_name=typer_app.info.name, standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, RetrievalError | OSError):
+            typer.echo(f"error: {e}", err=True)
+            raise SystemExit(EXIT_ERROR) from None
+        typer.echo(
+            f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True
+        )
+        raise SystemExit(EXIT_INTERNAL) from None
+
+
+def main() -> None:
+    """Console script ``retrieval``."""
+    run(app)

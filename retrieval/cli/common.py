@@ -1,0 +1,73 @@
+"""What the commands share: option types, table or JSON output, progress bars."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+__all__ = ["Bar", "bars_wanted", "emit"]
+
+
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+CheckpointOpt = Annotated[
+    Path, typer.Option("--checkpoint", help="The seed-format checkpoint (.pt).", show_default=True)
+]
+TextModelOpt = Annotated[Path, typer.Option("--text-model", help="Folder of the BERT tower and tokenizer.")]
+VisionModelOpt = Annotated[
+    Path, typer.Option("--vision-model", help="Folder of the ViT tower and image processor.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow a checkpoint that needs full unpickling (can run code: only for files you made).",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")]
+
+
+def emit(data: Any, as_json: bool, rows: Sequence[tuple[str, Any]]) -> None:
+    """``data`` as JSON, or ``rows`` as an aligned two-column table."""
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    width = max((len(k) for k, _ in rows), default=0)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {'-' if value is None else value}")
+
+
+class Bar:
+    """tqdm progress for the library's ``Progress`` protocol (on stderr, rate and ETA)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def start(self, stage: str, total: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, desc=f"encoding {stage}", unit=stage[:-1] if stage.endswith("s") else stage
+            )
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def bars_wanted(as_json: bool) -> bool:
+    """Bars go to a terminal (not with --json); ``RETRIEVAL_PROGRESS=1`` forces them."""
+    return (not as_json and sys.stderr.isatty()) or os.environ.get("RETRIEVAL_PROGRESS") == "1"

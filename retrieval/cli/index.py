@@ -1,0 +1,132 @@
+"""``index build`` and ``index info``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from retrieval.cli.common import (
+    Bar,
+    CheckpointOpt,
+    DeviceOpt,
+    Json,
+    PrecisionOpt,
+    TextModelOpt,
+    TrustOpt,
+    VisionModelOpt,
+    bars_wanted,
+)
+
+
+def index_build(
+    images: Annotated[Path | None, typer.Argument(help="Folder of images, walked recursively.")] = None,
+    captions: Annotated[
+        list[Path] | None,
+        typer.Option("--captions", help="Caption file (.txt/.csv/.tsv/.jsonl/.parquet); repeatable."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Index folder.")] = Path("indexes/default"),
+    checkpoint: CheckpointOpt = Path("checkpoints/best_checkpoint.pt"),
+    text_model: TextModelOpt = Path("models/bert-base-uncased"),
+    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per model batch.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Decoding processes (default: all cores but one, at least two)."),
+    ] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    index_type: Annotated[
+        str, typer.Option("--index-type", help="flat, ivf, hnsw, ivfpq or auto (by size and memory budget).")
+    ] = "auto",
+    target_recall: Annotated[
+        float, typer.Option("--target-recall", help="Recall@10 against exact search the index is tuned to.")
+    ] = 0.95,
+    memory_budget: Annotated[
+        float | None,
+        typer.Option("--memory-budget", help="GB the index may take (auto picks IVF-PQ above it)."),
+    ] = None,
+    shard_rows: Annotated[
+        int, typer.Option("--shard-rows", help="Images per shard (captions: 4x); a crash redoes one shard.")
+    ] = 4096,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Start the index over (needed to change model).")
+    ] = False,
+    trust_checkpoint: TrustOpt = False,
+    as_json: Json = False,
+) -> None:
+    """Encode an image folder and caption files into the index folder (incremental, resumable)."""
+    from retrieval.encoder import ModelSpec
+    from retrieval.index import IndexConfig
+    from retrieval.indexer import BuildConfig, build_index
+
+    config = BuildConfig(
+        out=out,
+        images=images,
+        captions=tuple(captions or ()),
+        model=ModelSpec(checkpoint, text_model, vision_model, trust_checkpoint=trust_checkpoint),
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        rebuild=rebuild,
+        image_shard_rows=shard_rows,
+        caption_shard_rows=4 * shard_rows,
+        index=IndexConfig(
+            kind=index_type,  # type: ignore[arg-type]
+            target_recall=target_recall,
+            memory_budget=int(memory_budget * 1e9) if memory_budget else None,
+        ),
+    )
+    report = build_index(config, progress=Bar(enabled=bars_wanted(as_json)))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    parts = []
+    for name, c in report.collections.items():
+        rate = f", {c.encoded / c.seconds:.1f}/s encoded" if c.encoded and c.seconds > 0 else ""
+        parts.append(
+            f"{name}: {c.indexed} indexed ({c.added} new: {c.encoded} encoded, {c.reused} reused; "
+            f"{c.deleted} removed), {c.skipped} skipped, {c.failed} failed{rate}"
+        )
+    for name, record in report.indexes.items():
+        tuned = f", {record.param}={record.value}" if record.param else ""
+        parts.append(
+            f"{name} index {record.kind}{tuned}: recall@10 {record.recall_at_10:.3f} vs exact "
+            f"({record.queries} queries), {record.latency_ms:.2f} ms/query"
+        )
+    typer.echo(f"{out}: " + "; ".join(parts) + f" in {report.seconds:.1f} s")
+
+
+def index_info(
+    folder: Annotated[Path, typer.Argument(help="Index folder.")] = Path("indexes/default"),
+    as_json: Json = False,
+) -> None:
+    """Describe an index folder: model, counts, failures."""
+    from retrieval.store import Store
+
+    with Store.open(folder) as store:
+        info = store.describe()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    fingerprint = info["model"].get("fingerprint", {}).get("digest", "")
+    typer.echo(f"{folder}  generation {info['generation']}  model {fingerprint[:16]}")
+    for name, c in info["collections"].items():
+        typer.echo(
+            f"  {name:<9} {c['indexed']} indexed, {c['skipped']} skipped, {c['failed']} failed "
+            f"({c['shards']} shards, {c['deleted']} deleted rows)"
+        )
+        if c["index"]:
+            index = c["index"]
+            tuned = f" {index['param']}={index['value']}" if index["param"] else ""
+            typer.echo(
+                f"    index {index['kind']}{tuned}: recall@10 {index['recall_at_10']} vs exact "
+                f"({index['queries']} queries), {index['latency_ms']} ms/query"
+            )
+        for f in c["failures"][:20]:
+            typer.echo(f"    failed  {f['source']}: {f['reason']}")
+        if len(c["failures"]) > 20:
+            typer.echo(f"    ... {len(c['failures']) - 20} more (--json lists all)")
