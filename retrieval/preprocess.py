@@ -173,16 +173,19 @@ class TextBatcher:
         order = np.argsort(-lengths, kind="stable")
         for start in range(0, len(order), batch_size):
             positions = order[start : start + batch_size]
-            width = int(lengths[positions].max())
-            input_ids = np.full((len(positions), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(positions), width), dtype=np.int64)
-            for row, index in enumerate(positions):
-                n = int(lengths[index])
-                input_ids[row, :n] = ids[index]
-                mask[row, :n] = 1
-            yield TextBatch(
-                positions=positions,
-                input_ids=torch.from_numpy(input_ids),
-                attention_mask=torch.from_numpy(mask),
-                token_type_ids=torch.zeros_like(torch.from_numpy(input_ids)),
-            )
+            yield self.pad([ids[i] for i in positions], positions)
+
+    def pad(self, ids: Sequence[Sequence[int]], positions: np.ndarray | None = None) -> TextBatch:
+        """One batch of token ids, in the given order, padded to its longest."""
+        width = max((len(t) for t in ids), default=0)
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, tokens in enumerate(ids):
+            input_ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+        return TextBatch(
+            positions=np.arange(len(ids)) if positions is None else positions,
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=torch.from_numpy(mask),
+            token_type_ids=torch.zeros_like(torch.from_numpy(input_ids)),
+        )

@@ -150,10 +150,12 @@ def read_images(
     workers: int,
     group: int = 8,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    ordered: bool = False,
 ) -> Iterator[DecodedGroup]:
     """Decode ``files`` (relative to ``root``) in ``workers`` processes, groups in completion order.
 
-    ``workers=0`` decodes in this process, in order (for tests and debugging).
+    ``ordered=True`` yields the groups in file order instead (training batches must not depend on
+    which worker finished first). ``workers=0`` decodes in this process, in order.
     """
     dataset = _GroupDataset(root, files, preprocess, max_pixels, group)
     if len(dataset) == 0:
@@ -161,8 +163,8 @@ def read_images(
     if workers == 0:
         yield from (dataset[g] for g in range(len(dataset)))
         return
-    # in_order=False: a group that takes long does not hold back the groups behind it.
+    # Out of order by default: a group that takes long does not hold back the groups behind it.
     loader: DataLoader[DecodedGroup] = DataLoader(
-        dataset, batch_size=None, num_workers=workers, collate_fn=_keep, prefetch_factor=4, in_order=False
+        dataset, batch_size=None, num_workers=workers, collate_fn=_keep, prefetch_factor=4, in_order=ordered
     )
     yield from loader

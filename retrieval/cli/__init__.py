@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli import evaluate, index, model, search
+from retrieval.cli import evaluate, index, model, search, train
 from retrieval.errors import RetrievalError
 
 __all__ = ["app", "index_app", "main", "run", "search_app"]
@@ -58,6 +58,7 @@ app.command("version")(model.version)
 app.command("classify")(model.classify)
 app.command("embed")(model.embed)
 app.command("eval")(evaluate.evaluate)
+app.command("train")(train.train)
 model_app.command("info")(model.model_info)
 index_app.command("build")(index.index_build)
 index_app.command("info")(index.index_info)

@@ -43,6 +43,15 @@ def emit(data: Any, as_json: bool, rows: Sequence[tuple[str, Any]]) -> None:
         typer.echo(f"{key:<{width}}  {'-' if value is None else value}")
 
 
+# The library's stage names -> what the bar says, and its unit.
+_STAGES = {
+    "images": ("encoding images", "image"),
+    "captions": ("encoding captions", "caption"),
+    "decoding": ("decoding images", "image"),
+    "steps": ("training", "step"),
+}
+
+
 class Bar:
     """tqdm progress for the library's ``Progress`` protocol (on stderr, rate and ETA)."""
 
@@ -54,13 +63,17 @@ class Bar:
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=total, desc=f"encoding {stage}", unit=stage[:-1] if stage.endswith("s") else stage
-            )
+            desc, unit = _STAGES.get(stage, (stage, "item"))
+            self.bar = tqdm(total=total, desc=desc, unit=unit)
 
     def advance(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
+
+    def note(self, **values: str) -> None:
+        """Short live figures after the bar (a loss, a temperature)."""
+        if self.bar is not None:
+            self.bar.set_postfix(values, refresh=False)
 
     def finish(self) -> None:
         if self.bar is not None:

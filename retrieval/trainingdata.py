@@ -1,0 +1,143 @@
+"""Training batches from a pairs file: the indexer's decoding and preprocessing, in a fixed order.
+
+Captions are tokenized once. Images are decoded by the same reader as ``index build`` (worker
+processes, the same pixel limit and per-file outcomes): once up front into an in-memory cache when
+the decoded corpus fits ``cache_bytes``, otherwise batch by batch each epoch, in order. A file
+that cannot be decoded is recorded once and its pairs leave the batches they were drawn into;
+batches are cut the same way whether a failure is known in advance or found on the way, so the
+cached and the streamed paths (and a resumed run) train on exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrieval.durable import file_sha256
+from retrieval.errors import InputError
+from retrieval.pairs import PairSet, read_pairs
+from retrieval.preprocess import ImagePreprocess, TextBatch, TextBatcher
+from retrieval.progress import Progress
+from retrieval.reader import read_images
+from retrieval.sources import ImageFile, Outcome
+
+__all__ = ["Batch", "PairData"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch: pixels, tokens, and which image and text each row is (for duplicates)."""
+
+    pixels: torch.Tensor  # uint8 (B, H, W, 3)
+    text: TextBatch
+    image_keys: torch.Tensor  # (B,) int64: equal when two rows show the same image
+    text_keys: torch.Tensor  # (B,) int64: equal when two rows have the same caption
+
+
+class PairData:
+    """The usable pairs of a file, ready to be cut into batches in any order."""
+
+    def __init__(
+        self,
+        path: Path,
+        preprocess: ImagePreprocess,
+        batcher: TextBatcher,
+        progress: Progress,
+        *,
+        images_root: Path | None = None,
+        workers: int | None = None,
+        cache_bytes: int = 2 << 30,
+    ) -> None:
+        self.pairs: PairSet = read_pairs(path, images_root=images_root)
+        self.preprocess = preprocess
+        self.batcher = batcher
+        self.workers = max(2, (os.cpu_count() or 2) - 1) if workers is None else workers
+        self.sha256 = file_sha256(path)
+        self.outcomes: list[Outcome] = list(self.pairs.outcomes)
+        names = self.pairs.images
+        self.files: list[ImageFile] = []
+        position: dict[str, int] = {}
+        for name in names:
+            try:
+                stat = self.pairs.path(name).stat()
+            except OSError as e:
+                self.outcomes.append(Outcome(name, "failed", "read", f"cannot read: {e.strerror or e}"))
+                continue
+            position[name] = len(self.files)
+            self.files.append(ImageFile(name, stat.st_size, stat.st_mtime_ns))
+        kept = [p for p in self.pairs.pairs if p.image in position]
+        texts = list(dict.fromkeys(p.caption for p in kept))
+        text_key = {t: k for k, t in enumerate(texts)}
+        self.image_of = np.array([position[p.image] for p in kept], dtype=np.int64)  # pair -> file
+        self.text_of = np.array([text_key[p.caption] for p in kept], dtype=np.int64)  # pair -> text
+        self.tokens = batcher.tokenize(texts)
+        self.failed = np.zeros(len(self.files), dtype=bool)
+        self.cache: np.ndarray | None = None
+        image_bytes = preprocess.height * preprocess.width * 3
+        if len(self.files) * image_bytes <= cache_bytes:
+            self._fill_cache(progress)
+        if not len(self):
+            raise InputError(
+                f"{path}: no usable image-caption pair ({len(self.outcomes)} rows or files failed)"
+            )
+
+    def __len__(self) -> int:
+        """Pairs whose image file exists (one that turns out undecodable leaves its batches)."""
+        return len(self.image_of)
+
+    def _fill_cache(self, progress: Progress) -> None:
+        cache = np.zeros((len(self.files), self.preprocess.height, self.preprocess.width, 3), np.uint8)
+        progress.start("decoding", len(self.files))
+        root = self.pairs.root
+        for group in read_images(root, self.files, self.preprocess, workers=self.workers, group=16):
+            for k, image in enumerate(group.images):
+                cache[image.index] = group.pixels[k].numpy()
+            self._record(group.failures)
+            progress.advance(len(group.images) + len(group.failures))
+        progress.finish()
+        self.cache = cache
+
+    def _record(self, failures: Sequence[tuple[int, Outcome]]) -> None:
+        for index, outcome in failures:
+            if not self.failed[index]:
+                self.failed[index] = True
+                self.outcomes.append(outcome)
+
+    def batches(self, chunks: Sequence[np.ndarray]) -> Iterator[Batch]:
+        """One ``Batch`` per chunk of pair indices, in order; unreadable images leave their batch.
+
+        Every chunk but the last must have the same length.
+        """
+        if self.cache is not None:
+            for chunk in chunks:
+                chunk = chunk[~self.failed[self.image_of[chunk]]]
+                yield self._batch(chunk, torch.from_numpy(self.cache[self.image_of[chunk]]))
+            return
+        # Decode as we go: a flat file list in batch order, one reader group per batch. Every chunk
+        # but the last has the same length, so reader group g is chunk g.
+        if not chunks:
+            return
+        size = len(chunks[0])
+        files = [self.files[i] for chunk in chunks for i in self.image_of[chunk]]
+        groups = read_images(
+            self.pairs.root, files, self.preprocess, workers=self.workers, group=size, ordered=True
+        )
+        for g, (chunk, group) in enumerate(zip(chunks, groups, strict=True)):
+            base = g * size
+            self._record([(int(self.image_of[chunk[i - base]]), o) for i, o in group.failures])
+            rows = np.array([image.index - base for image in group.images], dtype=np.int64)
+            yield self._batch(chunk[rows], group.pixels)
+
+    def _batch(self, chunk: np.ndarray, pixels: torch.Tensor) -> Batch:
+        text_keys = self.text_of[chunk]
+        return Batch(
+            pixels=pixels,
+            text=self.batcher.pad([self.tokens[k] for k in text_keys]),
+            image_keys=torch.from_numpy(self.image_of[chunk]),
+            text_keys=torch.from_numpy(text_keys),
+        )
