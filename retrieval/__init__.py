@@ -35,6 +35,12 @@ _EXPORTS = {
     "MultiModalEncoder": "retrieval.model",
     "Runtime": "retrieval.runtime",
     "resolve_runtime": "retrieval.runtime",
+    "EvalConfig": "retrieval.evaluation",
+    "EvalReport": "retrieval.evaluation",
+    "evaluate": "retrieval.evaluation",
+    "TrainConfig": "retrieval.train",
+    "TrainReport": "retrieval.train",
+    "train": "retrieval.train",
 }
 
 __all__ = [
@@ -45,6 +51,8 @@ __all__ = [
     "CheckpointInfo",
     "ConfigError",
     "Encoder",
+    "EvalConfig",
+    "EvalReport",
     "Hit",
     "IndexConfig",
     "IndexMismatchError",
@@ -58,11 +66,15 @@ __all__ = [
     "Runtime",
     "Store",
     "StoreError",
+    "TrainConfig",
+    "TrainReport",
     "__version__",
     "build_index",
+    "evaluate",
     "load_checkpoint",
     "load_model",
     "resolve_runtime",
+    "train",
 ]
 
 if TYPE_CHECKING:
@@ -77,6 +89,7 @@ if TYPE_CHECKING:
         RetrievalError,
         StoreError,
     )
+    from retrieval.evaluation import EvalConfig, EvalReport, evaluate
     from retrieval.fingerprint import ModelFingerprint
     from retrieval.index import IndexConfig
     from retrieval.indexer import BuildConfig, BuildReport, build_index
@@ -84,6 +97,7 @@ if TYPE_CHECKING:
     from retrieval.runtime import Runtime, resolve_runtime
     from retrieval.search import Hit, Retriever
     from retrieval.store import Store
+    from retrieval.train import TrainConfig, TrainReport, train
 
 
 def __getattr__(name: str) -> Any:

@@ -106,8 +106,8 @@ class TrainReport:
     train_loss: float | None  # mean of the last epoch run
     val_loss: float | None
     best_loss: float | None
-    pairs_per_s: float
-    seconds: float
+    pairs_per_s: float  # over the training loop: steps, validation, checkpoints
+    seconds: float  # the whole call, plot included
     skipped: tuple[Outcome, ...]
     log: Path
     plot: Path | None
@@ -293,6 +293,7 @@ class _Run:
                 )
                 log.flush()
         self.progress.finish()
+        training = time.perf_counter() - started
         plot = self._plot(log_path)
         seconds = time.perf_counter() - started
         best = config.out / "best_checkpoint.pt"
@@ -310,7 +311,7 @@ class _Run:
             train_loss=train_loss,
             val_loss=val_loss,
             best_loss=self.best_loss,
-            pairs_per_s=round(pairs_seen / max(seconds, 1e-9), 2),
+            pairs_per_s=round(pairs_seen / max(training, 1e-9), 2),
             seconds=round(seconds, 3),
             skipped=tuple(self.data.outcomes + (self.val.outcomes if self.val is not None else [])),
             log=log_path,
@@ -404,11 +405,12 @@ class _Run:
             self.model.visual_encoder.eval()
 
     def _save(self, name: str, epoch: int, best_loss: float | None = None) -> None:
+        # CPU tensors: a checkpoint written on a GPU then loads anywhere without map_location.
         state: dict[str, Any] = {
             "epoch": epoch,
             "global_step": self.global_step,
-            "model_state_dict": self.model.state_dict(),
-            "optimizer_state_dict": self.optimizer.state_dict(),
+            "model_state_dict": _on_cpu(self.model.state_dict()),
+            "optimizer_state_dict": _on_cpu(self.optimizer.state_dict()),
         }
         if best_loss is not None:
             state["best_loss"] = float(best_loss)
@@ -424,6 +426,16 @@ class _Run:
         path = self.config.out / PLOT_FILE
         training_curves(steps, [r for r in rows if r.get("type") == "epoch"], path)
         return path
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -222,3 +222,19 @@ def test_bad_settings_and_checkpoints_are_refused(
     # --init takes the same file: its weights, a fresh optimizer, epoch 0.
     report = train(config(pairs, towers, tmp_path / "run", init=tmp_path / "weights.pt", epochs=1))
     assert (report.start_epoch, report.global_step) == (0, 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_training_on_a_gpu_writes_checkpoints_that_load_on_the_cpu(
+    pairs: Path, towers: tuple[Path, Path], tmp_path: Path
+) -> None:
+    report = train(config(pairs, towers, tmp_path, device="cuda", precision="bf16", epochs=3))
+    log = [json.loads(x) for x in report.log.read_text().splitlines() if '"type": "step"' in x]
+    assert all(np.isfinite(r["loss"]) for r in log)
+    state = torch.load(report.checkpoint, weights_only=True)  # no map_location needed
+    assert all(v.device.type == "cpu" for v in state["model_state_dict"].values())
+    resumed = train(
+        config(pairs, towers, tmp_path, device="cuda", precision="bf16", epochs=4, resume=report.checkpoint)
+    )
+    assert resumed.global_step == 4 * 3
