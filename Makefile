@@ -41,6 +41,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_encoder.py
 	$(BIN)/python benchmarks/bench_indexing.py
 	$(BIN)/python benchmarks/bench_search.py
+	$(BIN)/python benchmarks/bench_training.py --size tiny
+	$(BIN)/python benchmarks/bench_training.py --size base --epochs 1 --pairs 40 --batch-size 8
 
 demo: install
 	@echo "make demo: the demo corpus, demo checkpoint and index are not built yet."
