@@ -158,15 +158,29 @@ class MultiModalEncoder(nn.Module):
 
     def encode_text(self, text_inputs: Mapping[str, Any], normalize: bool = True) -> torch.Tensor:
         """Tokenizer output (``input_ids`` (B, T), ...) -> (B, D) float32, unit norm."""
-        inputs = {k: v.to(self.device) for k, v in text_inputs.items() if k in _TEXT_INPUTS}
-        hidden = self.text_encoder(**inputs).last_hidden_state  # (B, T, H_t)
-        return self._finish(self.text_projection(hidden[:, 0, :]), normalize)
+        return self.project_text(self.text_cls(text_inputs), normalize)
 
     def encode_image(self, image_inputs: Mapping[str, Any], normalize: bool = True) -> torch.Tensor:
         """Image processor output (``pixel_values`` (B, 3, H, W)) -> (B, D) float32, unit norm."""
+        return self.project_image(self.image_cls(image_inputs), normalize)
+
+    def text_cls(self, text_inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The text tower's [CLS] hidden state, (B, H_t)."""
+        inputs = {k: v.to(self.device) for k, v in text_inputs.items() if k in _TEXT_INPUTS}
+        return self.text_encoder(**inputs).last_hidden_state[:, 0, :]  # of (B, T, H_t)
+
+    def image_cls(self, image_inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The image tower's [CLS] hidden state, (B, H_v)."""
         pixels = image_inputs["pixel_values"].to(self.device)
-        hidden = self.visual_encoder(pixel_values=pixels).last_hidden_state  # (B, 1 + P, H_v)
-        return self._finish(self.visual_projection(hidden[:, 0, :]), normalize)
+        return self.visual_encoder(pixel_values=pixels).last_hidden_state[:, 0, :]  # of (B, 1 + P, H_v)
+
+    def project_text(self, cls: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[CLS] states (B, H_t) -> (B, D) float32 in the shared space."""
+        return self._finish(self.text_projection(cls), normalize)
+
+    def project_image(self, cls: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[CLS] states (B, H_v) -> (B, D) float32 in the shared space."""
+        return self._finish(self.visual_projection(cls), normalize)
 
     @staticmethod
     def _finish(projected: torch.Tensor, normalize: bool) -> torch.Tensor:

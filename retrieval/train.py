@@ -38,7 +38,7 @@ from retrieval.preprocess import ImagePreprocess, TextBatcher
 from retrieval.progress import Progress, Silent
 from retrieval.runtime import Runtime, resolve_runtime
 from retrieval.sources import Outcome
-from retrieval.trainingdata import Batch, PairData
+from retrieval.trainingdata import Batch, PairData, random_crops
 
 __all__ = ["StepLog", "TrainConfig", "TrainReport", "clip_loss", "train"]
 
@@ -71,6 +71,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     freeze_text: bool = False
     freeze_vision: bool = False
+    augment: bool = False  # random resized crops of the training images
     save_every: int | None = None  # steps; also at every epoch end
     embed_dim: int = 256  # the shared space, for a model not loaded from a checkpoint
     seed: int = 0
@@ -176,10 +177,14 @@ class _Run:
         )
         preprocess = ImagePreprocess.from_processor(self.model.image_processor)
         max_positions = int(getattr(self.model.text_encoder.config, "max_position_embeddings", 512))
-        batcher = TextBatcher(self.model.text_tokenizer, max_positions)
+        self.batcher = TextBatcher(self.model.text_tokenizer, max_positions)
         self.preprocess = preprocess
-        self.data = self._read(config.pairs, batcher)
-        self.val = self._read(config.val_pairs, batcher) if config.val_pairs is not None else None
+        self.data = self._read(config.pairs)
+        self.val = self._read(config.val_pairs) if config.val_pairs is not None else None
+        # A frozen text tower gives every caption the same [CLS] state at every step: once is enough.
+        self.text_states = {
+            d: self._text_states(d) for d in (self.data, self.val) if d and config.freeze_text
+        }
         self.batches_per_epoch = max(1, len(self.data) // config.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -196,11 +201,11 @@ class _Run:
         if config.resume is not None and checkpoint is not None:
             self._resume(config.resume, checkpoint)
 
-    def _read(self, path: Path, batcher: TextBatcher) -> PairData:
+    def _read(self, path: Path) -> PairData:
         return PairData(
             path,
             self.preprocess,
-            batcher,
+            self.batcher,
             self.progress,
             images_root=self.config.images_root,
             workers=self.config.workers,
@@ -346,7 +351,7 @@ class _Run:
                 continue
             # Randomness (dropout) is a function of the step, so a resumed run repeats it exactly.
             torch.manual_seed(int(np.random.SeedSequence([config.seed, position, k]).generate_state(1)[0]))
-            loss = self._loss(batch) / len(batches)
+            loss = self._loss(batch, self.data, augment=config.augment) / len(batches)
             self.scaler.scale(loss).backward()
             total += float(loss.detach())
             pairs += len(batch.image_keys)
@@ -360,14 +365,28 @@ class _Run:
         self.global_step += 1
         return total, pairs
 
-    def _loss(self, batch: Batch) -> torch.Tensor:
+    def _text_states(self, data: PairData) -> torch.Tensor:
+        """The frozen text tower's [CLS] state of every distinct caption of ``data``, (T, H_t)."""
+        hidden = int(self.model.text_encoder.config.hidden_size)
+        states = torch.empty(len(data.tokens), hidden, device=self.runtime.device)
+        self.model.text_encoder.eval()
+        with torch.no_grad(), self.runtime.autocast():
+            for batch in self.batcher.batches_from_ids(data.tokens, 256):
+                states[torch.from_numpy(batch.positions)] = self.model.text_cls(batch.inputs()).float()
+        return states
+
+    def _loss(self, batch: Batch, data: PairData, augment: bool = False) -> torch.Tensor:
         device = self.runtime.device
-        pixels = self.preprocess.normalize(batch.pixels.to(device, non_blocking=True))
-        inputs = {k: v.to(device) for k, v in batch.text.inputs().items()}
+        pixels = batch.pixels.to(device, non_blocking=True)
+        pixels = self.preprocess.normalize(random_crops(pixels) if augment else pixels)
         image_keys, text_keys = batch.image_keys.to(device), batch.text_keys.to(device)
         same = (image_keys[:, None] == image_keys[None, :]) | (text_keys[:, None] == text_keys[None, :])
         with self.runtime.autocast():
-            text, image = self.model(inputs, {"pixel_values": pixels})
+            image = self.model.encode_image({"pixel_values": pixels})
+            if data in self.text_states:
+                text = self.model.project_text(self.text_states[data][text_keys])
+            else:
+                text = self.model.encode_text({k: v.to(device) for k, v in batch.text.inputs().items()})
         temperature = self.model.temperature.float().clamp(*TEMPERATURE_RANGE)
         return clip_loss(text, image, temperature, same)
 
@@ -391,7 +410,7 @@ class _Run:
         with torch.no_grad():
             for batch in self.val.batches(chunks):
                 if len(batch.image_keys) > 1:  # one pair alone has no negatives
-                    losses.append(float(self._loss(batch)))
+                    losses.append(float(self._loss(batch, self.val)))
                     counts.append(len(batch.image_keys))
         self._train_mode()
         return float(np.average(losses, weights=counts)) if losses else None

@@ -10,6 +10,7 @@ cached and the streamed paths (and a resumed run) train on exactly the same batc
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from retrieval.durable import file_sha256
 from retrieval.errors import InputError
@@ -26,7 +28,7 @@ from retrieval.progress import Progress
 from retrieval.reader import read_images
 from retrieval.sources import ImageFile, Outcome
 
-__all__ = ["Batch", "PairData"]
+__all__ = ["Batch", "PairData", "random_crops"]
 
 
 @dataclass(frozen=True)
@@ -141,3 +143,30 @@ class PairData:
             image_keys=torch.from_numpy(self.image_of[chunk]),
             text_keys=torch.from_numpy(text_keys),
         )
+
+
+def random_crops(pixels: torch.Tensor, area: tuple[float, float] = (0.6, 1.0)) -> torch.Tensor:
+    """Random resized crops of uint8 (B, H, W, 3) images -> float (B, H, W, 3) of the same size.
+
+    Each crop covers ``area`` of the image (as a fraction) with an aspect ratio between 3:4 and
+    4:3, is scaled back with antialiasing, and half of them are mirrored left to right. Draws
+    from torch's global generator, which training seeds per step, so a resumed run draws the same
+    crops.
+    """
+    b, h, w, _ = pixels.shape
+    x = pixels.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+    out = torch.empty_like(x)
+    fractions = torch.empty(b).uniform_(*area)
+    ratios = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3)))
+    corners = torch.rand(b, 2)
+    mirrored = torch.rand(b) < 0.5
+    for i in range(b):
+        size = float(fractions[i]) * h * w
+        ch = max(1, min(h, round(math.sqrt(size / float(ratios[i])))))
+        cw = max(1, min(w, round(math.sqrt(size * float(ratios[i])))))
+        top, left = int(corners[i, 0] * (h - ch + 1)), int(corners[i, 1] * (w - cw + 1))
+        crop = x[i : i + 1, :, top : top + ch, left : left + cw]
+        out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+        if mirrored[i]:
+            out[i] = out[i].flip(-1)
+    return out.permute(0, 2, 3, 1)

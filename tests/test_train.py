@@ -16,7 +16,9 @@ from PIL import Image
 
 from retrieval import Encoder, ModelSpec, MultiModalEncoder, load_checkpoint
 from retrieval.errors import CheckpointError, ConfigError
-from retrieval.train import TrainConfig, clip_loss, train
+from retrieval.progress import Silent
+from retrieval.train import TrainConfig, _Run, clip_loss, train
+from retrieval.trainingdata import random_crops
 
 WORDS = "red blue green black white dog cat bird car tree house sun moon road sky".split()
 
@@ -238,3 +240,34 @@ def test_bf16_training_on_a_gpu_writes_checkpoints_that_load_on_the_cpu(
         config(pairs, towers, tmp_path, device="cuda", precision="bf16", epochs=4, resume=report.checkpoint)
     )
     assert resumed.global_step == 4 * 3
+
+
+def test_random_crops_are_seeded_and_stay_in_range() -> None:
+    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    torch.manual_seed(3)
+    a = random_crops(pixels)
+    torch.manual_seed(3)
+    b = random_crops(pixels)
+    torch.manual_seed(4)
+    c = random_crops(pixels)
+    assert a.shape == (6, 16, 16, 3) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0 and float(a.max()) <= 255
+    # A solid image stays the same solid image, whatever the crop.
+    solid = torch.full((2, 16, 16, 3), 77, dtype=torch.uint8)
+    assert torch.allclose(random_crops(solid), torch.full((2, 16, 16, 3), 77.0), atol=1e-3)
+
+
+def test_frozen_text_states_equal_running_the_tower(
+    pairs: Path, towers: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A frozen text tower's [CLS] states are computed once; the loss is the one the tower gives."""
+    run = _Run(config(pairs, towers, tmp_path, freeze_text=True), Silent())
+    assert run.data in run.text_states
+    batch = next(run.data.batches([np.arange(8)]))
+    run.model.eval()
+    with torch.no_grad():
+        cached = run._loss(batch, run.data)
+        run.text_states.clear()
+        direct = run._loss(batch, run.data)
+    assert float(cached) == pytest.approx(float(direct), rel=1e-5)

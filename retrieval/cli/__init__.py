@@ -78,6 +78,7 @@ def run(typer_app: typer.Typer, argv: Sequence[str] | None = None) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # per-tensor loading bars: noise in a CLI
     try:
         typer_app(args=args, prog_name=typer_app.info.name, standalone_mode=True)
     except SystemExit:

@@ -61,6 +61,9 @@ def train(
     freeze_vision: Annotated[
         bool, typer.Option("--freeze-vision", help="Keep the image tower fixed.")
     ] = False,
+    augment: Annotated[
+        bool, typer.Option("--augment", help="Random resized crops of the training images.")
+    ] = False,
     save_every: Annotated[
         int | None, typer.Option("--save-every", help="Also write checkpoint.pt every N steps.")
     ] = None,
@@ -105,6 +108,7 @@ def train(
         max_grad_norm=max_grad_norm,
         freeze_text=freeze_text,
         freeze_vision=freeze_vision,
+        augment=augment,
         save_every=save_every,
         embed_dim=embed_dim,
         seed=seed,
