@@ -70,7 +70,7 @@ $(DEMO_TEXT): | install
 
 $(DEMO_CHECKPOINT): | $(DEMO_TEXT)
 	$(BIN)/retrieval train --pairs data/train.csv --out $(DEMO_RUN) --text-model $(DEMO_TEXT) \
-		--vision-model $(DEMO_VISION) --freeze-text --augment --epochs 30 --batch-size 64 \
+		--vision-model $(DEMO_VISION) --freeze-text --augment --epochs 20 --batch-size 64 \
 		--lr 1e-3 --warmup 50 --schedule cosine --seed 0
 
 clean:

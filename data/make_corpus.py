@@ -4,14 +4,15 @@
     python data/make_corpus.py            # rewrites data/images/ and the three CSV files
 
 Each chosen PNG is composited over white, scaled to at most 128 pixels a side and stored as a
-256-colour PNG under ``images/<category>/``. Its caption comes from the matching SVG's metadata:
-the title (or the file name when the title is missing or boilerplate), a short description, and
-the keywords, after the category, which is given by the package folder it came from ("a flag:
-Benin. united nations member, flag, africa"). About 15% of every
+256-colour PNG under ``images/<category>/``. It gets two captions from the matching SVG's
+metadata, both starting with the category, which is given by the package folder it came from: a
+short one with the title (or the file name when the title is missing or boilerplate), "a flag:
+Benin", and a long one that adds a short description and the keywords, "a flag: Benin. united
+nations member, flag, africa, sign". About 15% of every
 category is held out, chosen by a hash of the file name, so the split is stable across runs.
 
-Output: ``captions.csv`` (every image), ``train.csv`` and ``heldout.csv`` (the split), with the
-columns image, caption, category, title, keywords, source.
+Output: ``captions.csv`` (every caption of every image), ``train.csv`` and ``heldout.csv`` (the
+split, by image), with the columns image, caption, category, title, keywords, source.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def metadata(png: Path) -> tuple[str, str, list[str]]:
     return first("title"), first("description"), keywords
 
 
-def caption_of(png: Path, category: str, title: str, description: str, keywords: list[str]) -> str:
+def captions_of(png: Path, category: str, title: str, description: str, keywords: list[str]) -> list[str]:
+    """Two captions: the short one (category and title), and the long one with the rest."""
     if not title or _BOILERPLATE.match(title) or re.fullmatch(r"[\w-]*\d+", title):
         # The file name, without the author and numbering the library appended.
         title = re.sub(r"(_\d+|_r|_)+$", "", png.stem).replace("_", " ").replace("-", " ")
@@ -105,7 +107,7 @@ def caption_of(png: Path, category: str, title: str, description: str, keywords:
         parts.append(sentence)
     if keywords:
         parts.append(", ".join(keywords[:8]))
-    return ". ".join(parts)
+    return [parts[0], ". ".join(parts)] if len(parts) > 1 else parts
 
 
 def held_out(name: str) -> bool:
@@ -144,17 +146,18 @@ def main() -> None:
                 print(f"skipped {png}: {e}", file=sys.stderr)
                 continue
             title, description, keywords = metadata(png)
-            rows.append(
-                {
-                    "image": target.relative_to(HERE).as_posix(),
-                    "caption": caption_of(png, category, title, description, keywords),
-                    "category": category,
-                    "title": title,
-                    "keywords": ", ".join(keywords),
-                    "source": png.relative_to(PNG).as_posix(),
-                }
-            )
-        print(f"{category}: {sum(r['category'] == category for r in rows)}", file=sys.stderr)
+            for caption in captions_of(png, category, title, description, keywords):
+                rows.append(
+                    {
+                        "image": target.relative_to(HERE).as_posix(),
+                        "caption": caption,
+                        "category": category,
+                        "title": title,
+                        "keywords": ", ".join(keywords),
+                        "source": png.relative_to(PNG).as_posix(),
+                    }
+                )
+        print(f"{category}: {len({r['image'] for r in rows if r['category'] == category})}", file=sys.stderr)
     for name, chosen in (
         ("captions.csv", rows),
         ("train.csv", [r for r in rows if not held_out(r["source"])]),

@@ -18,8 +18,8 @@ def rows(name: str) -> list[dict[str, str]]:
 
 def test_every_row_has_its_image_and_category() -> None:
     everything = rows("captions.csv")
-    assert 1000 <= len(everything) <= 2000
-    assert len({r["image"] for r in everything}) == len(everything)
+    assert 1000 <= len({r["image"] for r in everything}) <= 2000
+    assert len({(r["image"], r["caption"]) for r in everything}) == len(everything)
     for row in everything:
         path = DATA / row["image"]
         assert path.is_file(), row["image"]
@@ -29,7 +29,7 @@ def test_every_row_has_its_image_and_category() -> None:
 
 
 def test_the_split_is_disjoint_and_covers_every_category() -> None:
-    everything = {r["image"]: r for r in rows("captions.csv")}
+    everything = {r["image"]: r for r in rows("captions.csv")}  # an image's rows share a category
     train = {r["image"] for r in rows("train.csv")}
     heldout = {r["image"] for r in rows("heldout.csv")}
     assert not train & heldout
