@@ -189,7 +189,7 @@ class _Run:
         self.val = self._read(config.val_pairs) if config.val_pairs is not None else None
         # A frozen text tower gives every caption the same [CLS] state at every step: once is enough.
         self.text_states = {
-            d: self._text_states(d) for d in (self.data, self.val) if d and config.freeze_text
+            d: self._text_states(d) for d in (self.data, self.val) if d is not None and config.freeze_text
         }
         self.batches_per_epoch = max(1, len(self.data) // config.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
