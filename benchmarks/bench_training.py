@@ -47,7 +47,7 @@ def pure_steps(config: TrainConfig, pixels: torch.Tensor, tokens: list[list[int]
     )
     model.train()
     preprocess = ImagePreprocess.from_processor(model.image_processor)
-    batcher = TextBatcher(model.text_tokenizer, int(model.text_encoder.config.max_position_embeddings))
+    batcher = TextBatcher.for_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     b = config.batch_size
     batches = [
@@ -112,7 +112,7 @@ def main() -> None:
         # The same images, preprocessed once, and the same captions as token ids, for the pure loop.
         model = MultiModalEncoder(spec.text_model, spec.vision_model)
         preprocess = ImagePreprocess.from_processor(model.image_processor)
-        batcher = TextBatcher(model.text_tokenizer, int(model.text_encoder.config.max_position_embeddings))
+        batcher = TextBatcher.for_model(model)
         pixels = torch.from_numpy(np.stack([preprocess.to_pixels(open_image(p)) for p in images]))
         tokens = batcher.tokenize(captions)
         del model

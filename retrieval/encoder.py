@@ -84,8 +84,7 @@ class Encoder:
         self.runtime = runtime or resolve_runtime()
         self.model = model.to(self.runtime.device)
         self.preprocess = ImagePreprocess.from_processor(model.image_processor)
-        max_positions = int(getattr(model.text_encoder.config, "max_position_embeddings", 512))
-        self.text_batcher = TextBatcher(model.text_tokenizer, max_positions)
+        self.text_batcher = TextBatcher.for_model(model)
         self.fingerprint = fingerprint
         self.source: CheckpointInfo | None = None
         on_gpu = self.runtime.device.type == "cuda"

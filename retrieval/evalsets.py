@@ -10,7 +10,6 @@ texts are one item with all of their ids.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from retrieval.encoder import Encoder
 from retrieval.errors import ConfigError, InputError
 from retrieval.pairs import Pair, PairSet, read_pairs
 from retrieval.progress import Progress
-from retrieval.sources import ImageFile, Outcome
+from retrieval.sources import Outcome
 
 __all__ = ["Blocks", "EvalSet", "encode_image_files", "from_index", "from_pairs"]
 
@@ -86,7 +85,7 @@ def from_pairs(
     workers: int | None = None,
 ) -> EvalSet:
     pairs = read_pairs(path, images_root=images_root, labels_column=labels_column)
-    paths, shas, vectors, failures = encode_image_files(encoder, pairs, pairs.images, workers, progress)
+    paths, shas, vectors, failures = encode_image_files(encoder, pairs, workers, progress)
     sha_of = dict(zip(paths, shas, strict=True))
     first: dict[str, int] = {}  # sha -> row of ``vectors``
     for row, sha in enumerate(shas):
@@ -117,31 +116,23 @@ def from_pairs(
 
 
 def encode_image_files(
-    encoder: Encoder, pairs: PairSet, images: Sequence[str], workers: int | None, progress: Progress
+    encoder: Encoder, pairs: PairSet, workers: int | None, progress: Progress
 ) -> tuple[list[str], list[str], np.ndarray, list[Outcome]]:
-    """Decode (in worker processes, as the indexer does) and encode ``images`` of ``pairs``.
+    """Decode (in worker processes, as the indexer does) and encode the images of ``pairs``.
 
     Returns the readable paths, their sha256, their vectors (same order) and an ``Outcome`` for
     every file that could not be used.
     """
     import torch
 
-    from retrieval.reader import read_images
+    from retrieval.reader import default_workers, read_images
 
-    files, failures = [], []
-    for image in images:
-        try:
-            stat = pairs.path(image).stat()
-        except OSError as e:
-            failures.append(Outcome(image, "failed", "read", f"cannot read: {e.strerror or e}"))
-            continue
-        files.append(ImageFile(image, stat.st_size, stat.st_mtime_ns))
-    workers = max(2, (os.cpu_count() or 2) - 1) if workers is None else workers
+    files, failures = pairs.image_files()
     paths: list[str] = []
     shas: list[str] = []
     chunks: list[np.ndarray] = []
     batch: list[torch.Tensor] = []
-    progress.start("images", len(images))
+    progress.start("images", len(files) + len(failures))
     progress.advance(len(failures))
 
     def flush() -> None:
@@ -151,7 +142,7 @@ def encode_image_files(
             progress.advance(len(pixels))
             batch.clear()
 
-    for group in read_images(pairs.root, files, encoder.preprocess, workers=workers):
+    for group in read_images(pairs.root, files, encoder.preprocess, workers=default_workers(workers)):
         failures.extend(outcome for _, outcome in group.failures)
         progress.advance(len(group.failures))
         for decoded in group.images:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,7 @@ from retrieval.errors import ConfigError, InputError
 from retrieval.imaging import DEFAULT_MAX_PIXELS
 from retrieval.index import IndexConfig, IndexRecord, build_collection_index, live_vectors
 from retrieval.progress import Progress, Silent
-from retrieval.reader import read_images
+from retrieval.reader import default_workers, read_images
 from retrieval.sources import (
     CAPTION_FORMATS,
     CaptionRecord,
@@ -449,9 +448,7 @@ class _Builder:
         batch_pixels: list[torch.Tensor] = []
         cache: dict[str, np.ndarray] = {}
         encoded = reused = 0
-        # At least two: a giant image can then hold one worker while the other keeps decoding.
-        cores = os.cpu_count() or 2
-        workers = self.config.workers if self.config.workers is not None else max(2, cores - 1)
+        workers = default_workers(self.config.workers)
         batch_size = self.encoder.image_batch_size
         self.progress.start("images", len(plan))
 

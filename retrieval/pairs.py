@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.errors import ConfigError, InputError
-from retrieval.sources import CaptionRecord, Outcome, read_caption_file
+from retrieval.sources import CaptionRecord, ImageFile, Outcome, read_caption_file
 
 __all__ = ["Pair", "PairSet", "read_pairs"]
 
@@ -45,6 +45,18 @@ class PairSet:
     def images(self) -> list[str]:
         """The distinct images, in order of first appearance."""
         return list(dict.fromkeys(p.image for p in self.pairs))
+
+    def image_files(self) -> tuple[list[ImageFile], list[Outcome]]:
+        """The distinct images that exist (with their size and mtime), and an outcome for the rest."""
+        files, missing = [], []
+        for image in self.images:
+            try:
+                stat = self.path(image).stat()
+            except OSError as e:
+                missing.append(Outcome(image, "failed", "read", f"cannot read: {e.strerror or e}"))
+                continue
+            files.append(ImageFile(image, stat.st_size, stat.st_mtime_ns))
+        return files, missing
 
 
 def read_pairs(path: Path, *, images_root: Path | None = None, labels_column: str | None = None) -> PairSet:

@@ -137,6 +137,12 @@ class TextBatcher:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
 
+    @classmethod
+    def for_model(cls, model: Any) -> TextBatcher:
+        """The batcher of a ``MultiModalEncoder``: its tokenizer, capped by its text tower."""
+        positions = int(getattr(model.text_encoder.config, "max_position_embeddings", 512))
+        return cls(model.text_tokenizer, positions)
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, with special tokens, truncated to ``max_length``."""
         return self.tokenize_flagged(texts)[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from retrieval.imaging import DEFAULT_MAX_PIXELS, to_rgb
 from retrieval.preprocess import ImagePreprocess
 from retrieval.sources import ImageFile, Outcome
 
-__all__ = ["DecodedGroup", "DecodedImage", "decode_file", "read_images"]
+__all__ = ["DecodedGroup", "DecodedImage", "decode_file", "default_workers", "read_images"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,12 @@ class _GroupDataset(Dataset[DecodedGroup]):
         shape = (0, self.preprocess.height, self.preprocess.width, 3)
         stacked = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape, dtype=torch.uint8)
         return DecodedGroup(images, stacked, failures)
+
+
+def default_workers(workers: int | None) -> int:
+    """``workers``, or all cores but one and at least two: a giant image can then hold one worker
+    while the other keeps decoding."""
+    return max(2, (os.cpu_count() or 2) - 1) if workers is None else workers
 
 
 def _keep(group: Any) -> Any:

@@ -182,8 +182,7 @@ class _Run:
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         preprocess = ImagePreprocess.from_processor(self.model.image_processor)
-        max_positions = int(getattr(self.model.text_encoder.config, "max_position_embeddings", 512))
-        self.batcher = TextBatcher(self.model.text_tokenizer, max_positions)
+        self.batcher = TextBatcher.for_model(self.model)
         self.preprocess = preprocess
         self.data = self._read(config.pairs)
         self.val = self._read(config.val_pairs) if config.val_pairs is not None else None

@@ -11,7 +11,6 @@ cached and the streamed paths (and a resumed run) train on exactly the same batc
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,8 @@ from retrieval.errors import InputError
 from retrieval.pairs import PairSet, read_pairs
 from retrieval.preprocess import ImagePreprocess, TextBatch, TextBatcher
 from retrieval.progress import Progress
-from retrieval.reader import read_images
-from retrieval.sources import ImageFile, Outcome
+from retrieval.reader import default_workers, read_images
+from retrieval.sources import Outcome
 
 __all__ = ["Batch", "PairData", "random_crops"]
 
@@ -58,20 +57,11 @@ class PairData:
         self.pairs: PairSet = read_pairs(path, images_root=images_root)
         self.preprocess = preprocess
         self.batcher = batcher
-        self.workers = max(2, (os.cpu_count() or 2) - 1) if workers is None else workers
+        self.workers = default_workers(workers)
         self.sha256 = file_sha256(path)
-        self.outcomes: list[Outcome] = list(self.pairs.outcomes)
-        names = self.pairs.images
-        self.files: list[ImageFile] = []
-        position: dict[str, int] = {}
-        for name in names:
-            try:
-                stat = self.pairs.path(name).stat()
-            except OSError as e:
-                self.outcomes.append(Outcome(name, "failed", "read", f"cannot read: {e.strerror or e}"))
-                continue
-            position[name] = len(self.files)
-            self.files.append(ImageFile(name, stat.st_size, stat.st_mtime_ns))
+        self.files, missing = self.pairs.image_files()
+        self.outcomes: list[Outcome] = list(self.pairs.outcomes) + missing
+        position = {file.path: k for k, file in enumerate(self.files)}
         kept = [p for p in self.pairs.pairs if p.image in position]
         texts = list(dict.fromkeys(p.caption for p in kept))
         text_key = {t: k for k, t in enumerate(texts)}
