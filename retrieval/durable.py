@@ -3,21 +3,37 @@
 A reader (or a process restarted after a crash) sees either the old file or the new one, never a
 partial one. ``RETRIEVAL_CRASH_AT_WRITE=k`` makes the process exit abruptly (``os._exit``) at the
 k-th durable write, after the temporary file is written and before it is renamed: the crash tests
-use it to stop a build at every write point in turn.
+use it to stop a build at every write point in turn. ``RETRIEVAL_FAULT=write:k:ENOSPC`` (or
+``read:k:EIO``, any errno name) makes the k-th durable write, or the k-th read of a committed store
+file, fail with that error instead: the fault-injection tests use it to check that a full disk or a
+failing one gives a clean error and leaves the store as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CRASH_ENV", "atomic_write", "atomic_write_bytes", "file_sha256", "fsync_dir", "write_count"]
+__all__ = [
+    "CRASH_ENV",
+    "FAULT_ENV",
+    "atomic_write",
+    "atomic_write_bytes",
+    "before_read",
+    "file_sha256",
+    "fsync_dir",
+    "read_count",
+    "write_count",
+]
 
 CRASH_ENV = "RETRIEVAL_CRASH_AT_WRITE"
+FAULT_ENV = "RETRIEVAL_FAULT"
 TMP_MARKER = ".tmp-"
 _writes = 0
+_reads = 0
 _HASH_CHUNK = 8 << 20
 
 
@@ -43,12 +59,35 @@ def write_count() -> int:
     return _writes
 
 
+def read_count() -> int:
+    """Reads of committed store files this process has made so far."""
+    return _reads
+
+
 def _count_and_maybe_crash() -> None:
     global _writes
     _writes += 1
     target = os.environ.get(CRASH_ENV)
     if target and _writes == int(target):
         os._exit(137)
+    _maybe_fail("write", _writes)
+
+
+def before_read(path: Path) -> None:
+    """Count a read of a committed store file (the fault-injection hook's read points)."""
+    global _reads
+    _reads += 1
+    _maybe_fail("read", _reads, path)
+
+
+def _maybe_fail(kind: str, count: int, path: Path | None = None) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want, at, name = spec.split(":")
+    if want == kind and count == int(at):
+        code = getattr(errno, name)
+        raise OSError(code, os.strerror(code), str(path) if path else None)
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

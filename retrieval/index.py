@@ -25,7 +25,15 @@ from retrieval.errors import ConfigError, StoreError
 from retrieval.metrics import exact_scan
 from retrieval.store import FileRef, Store, embedding_matrix
 
-__all__ = ["IndexConfig", "IndexKind", "IndexRecord", "SearchIndex", "build_collection_index", "live_vectors"]
+__all__ = [
+    "IndexConfig",
+    "IndexKind",
+    "IndexRecord",
+    "SearchIndex",
+    "build_collection_index",
+    "index_ids",
+    "live_vectors",
+]
 
 IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
 _AUTO_EXACT_MAX = 50_000  # below this, exact search is fast enough that approximation buys nothing
@@ -297,6 +305,22 @@ def build_collection_index(
     return IndexRecord(
         ref, kind, n, param, value, refine, round(recall, 4), round(latency, 3), queries_from, seconds
     )
+
+
+def index_ids(index: faiss.Index) -> np.ndarray | None:
+    """The ids ``index`` holds, (n,) int64 in its own order; None for a kind that cannot list them."""
+    if hasattr(index, "id_map"):  # IndexIDMap2 (flat, HNSW, IVF-PQ with re-rank)
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = ivf.invlists if ivf is not None else None
+    if ivf is None or lists is None:
+        return None
+    parts = [
+        faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+        for i in range(ivf.nlist)
+        if lists.list_size(i)
+    ]
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
 
 
 def load_index(store: Store, record: IndexRecord) -> SearchIndex:

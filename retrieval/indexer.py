@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +222,11 @@ class _Builder:
         built: dict[str, IndexRecord] = {}
         for collection in ("images", "captions"):
             state = self._state(collection)
-            if collection not in self.manifest.collections or state.counts.get("indexed", 0) == 0:
+            if collection not in self.manifest.collections:
+                continue
+            if state.counts.get("indexed", 0) == 0:
+                if state.index:  # every row deleted: nothing left to search
+                    self._commit(collection, replace(state, index=None))
                 continue
             source = _index_source(state)
             wanted = self.config.index.kind
@@ -243,7 +247,12 @@ class _Builder:
             self.progress.finish()
             if record is None:
                 continue
-            self._commit(collection, replace(state, index={**record.to_dict(), "source": source}))
+            # The rows it covers (shards are only appended), so that readers see exactly those.
+            snapshot = {
+                "shards": len(state.shards),
+                "deleted": asdict(state.deleted) if state.deleted else None,
+            }
+            self._commit(collection, replace(state, index={**record.to_dict(), "source": source, **snapshot}))
             built[collection] = record
         return built
 

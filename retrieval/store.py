@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval import __version__
-from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes, file_sha256
+from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes, before_read, file_sha256
 from retrieval.errors import IndexMismatchError, StoreError
 from retrieval.sources import Outcome
 
@@ -77,7 +77,25 @@ class CollectionState:
 
     def files(self) -> list[FileRef]:
         index = FileRef(**self.index["file"]) if self.index else None
-        return [*self.shards, *(f for f in (self.deleted, self.outcomes, index) if f is not None)]
+        published = self.published().deleted  # the deletion list the index was built with
+        extra = (self.deleted, self.outcomes, index, published if published != self.deleted else None)
+        return [*self.shards, *(f for f in extra if f is not None)]
+
+    def published(self) -> CollectionState:
+        """What readers see: the rows the FAISS index was built from, and nothing without one.
+
+        A build commits shard by shard, so that a crash costs at most one shard, and rebuilds the
+        index last; the rows it committed meanwhile are published with the new index, in the
+        same manifest write.
+        """
+        if not self.index:
+            return dataclasses.replace(self, shards=(), deleted=None)
+        if "shards" not in self.index:  # recorded before snapshots: the index covered every row
+            return self
+        deleted = self.index.get("deleted")
+        return dataclasses.replace(
+            self, shards=self.shards[: self.index["shards"]], deleted=FileRef(**deleted) if deleted else None
+        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,11 @@ class Manifest:
     collections: dict[str, CollectionState]
     engine_version: str = __version__
     updated: float = 0.0
+
+    def published(self) -> Manifest:
+        """The manifest as readers see it (``CollectionState.published`` for each collection)."""
+        collections = {name: state.published() for name, state in self.collections.items()}
+        return dataclasses.replace(self, collections=collections)
 
     @property
     def fingerprint(self) -> str | None:
@@ -128,11 +151,17 @@ class Manifest:
 
 
 class Store:
-    """An index folder. ``Store.open(dir)`` to read; ``Store.open(dir, write=True)`` to change it."""
+    """An index folder. ``Store.open(dir)`` to read; ``Store.open(dir, write=True)`` to change it.
+
+    ``committed`` is the manifest as written. ``manifest`` is what this store works on: for a
+    writer the same, for a reader its published view (rows that are in a FAISS index), so a
+    search beside a build never sees rows its index does not hold.
+    """
 
     def __init__(self, folder: Path, manifest: Manifest | None, lock_fd: int | None) -> None:
         self.folder = folder
-        self.manifest = manifest
+        self.committed = manifest
+        self.manifest = manifest if lock_fd is not None or manifest is None else manifest.published()
         self._lock_fd = lock_fd
 
     # -- opening ---------------------------------------------------------------------------------
@@ -199,7 +228,7 @@ class Store:
         self._require_writer()
         committed = dataclasses.replace(manifest, updated=time.time())
         atomic_write(self.folder / MANIFEST, lambda tmp: tmp.write_text(committed.to_json()))
-        self.manifest = committed
+        self.manifest = self.committed = committed
         return committed
 
     def collect_garbage(self) -> None:
@@ -233,6 +262,7 @@ class Store:
         """Refuse a file whose bytes no longer hash to the manifest's sha256 (hashed as a stream)."""
         path = self.folder / ref.file
         try:
+            before_read(path)
             digest = file_sha256(path)
         except OSError as e:
             raise StoreError(f"{path}: missing or unreadable ({e.strerror or e})") from e
@@ -243,6 +273,7 @@ class Store:
         """The bytes of ``ref``, refused unless they hash to what the manifest recorded."""
         path = self.folder / ref.file
         try:
+            before_read(path)
             data = path.read_bytes()
         except OSError as e:
             raise StoreError(f"{path}: missing or unreadable ({e.strerror or e})") from e
@@ -357,6 +388,7 @@ def _read_manifest(folder: Path) -> Manifest | None:
     if not path.is_file():
         return None
     try:
+        before_read(path)
         return Manifest.from_json(path.read_text())
     except StoreError:
         raise

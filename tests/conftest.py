@@ -1,11 +1,14 @@
 """Shared fixtures: tiny random-init towers in temporary folders, checkpoints in the seed's format.
 
 Nothing is downloaded: configs are written with ``save_pretrained`` and a 60-word vocabulary.
+Every index folder a test leaves in its ``tmp_path`` must pass ``index verify`` afterwards,
+unless the test is marked ``damages_stores``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -18,6 +21,7 @@ from PIL import Image
 from transformers import BertConfig, ViTConfig, ViTImageProcessor
 
 from retrieval import MultiModalEncoder
+from retrieval.verify import verify_index
 
 WORDS = (
     "a an the person people man woman child dog cat bird bicycle car street walking running "
@@ -102,3 +106,16 @@ TEXTS = [
     "a photo of a cat sitting on a chair",
     "people",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _verify_the_stores_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, ``verify_index`` on every index folder under its ``tmp_path``."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if folder is None or request.node.get_closest_marker("damages_stores"):
+        return
+    for manifest in sorted(folder.rglob("manifest.json")):
+        report = verify_index(manifest.parent)
+        if not report.ok:
+            pytest.fail(f"{manifest.parent} fails index verify: {report.problems}")

@@ -20,11 +20,13 @@ import torch
 from conftest import seed_checkpoint
 from corpus import BAD, GOOD, SKIPPED, make_corpus
 from PIL import Image
+from stores import build_args, build_config, canonical, live
 
 from retrieval import Encoder, IndexMismatchError, ModelSpec, MultiModalEncoder, StoreError, durable
 from retrieval.durable import CRASH_ENV
 from retrieval.indexer import BuildConfig, build_index
 from retrieval.store import Store, embedding_matrix
+from retrieval.verify import verify_index
 
 
 @pytest.fixture
@@ -34,28 +36,7 @@ def corpus(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def config(tmp_path: Path, corpus: Path, checkpoint: Path, towers: tuple[Path, Path]) -> BuildConfig:
-    captions = tmp_path / "captions.csv"
-    captions.write_text("caption,image,lang\na dog walking on the street,pic.bmp,en\n,,en\nthe cat,,fr\n")
-    return BuildConfig(
-        out=tmp_path / "index",
-        images=corpus,
-        captions=(captions,),
-        model=ModelSpec(checkpoint, *towers),
-        device="cpu",
-        workers=1,
-        image_shard_rows=4,
-        caption_shard_rows=2,
-    )
-
-
-def live(folder: Path, collection: str) -> pa.Table:
-    """Rows of ``collection`` still in search, sorted by id."""
-    with Store.open(folder) as store:
-        deleted = store.deleted_ids(collection)
-        tables = [t for _, t in store.iter_shards(collection)]
-    table = pa.concat_tables(tables)
-    table = table.filter(pa.array(~np.isin(table.column("id").to_numpy(), deleted)))
-    return table.sort_by("id")
+    return build_config(tmp_path, corpus, checkpoint, towers)
 
 
 def test_every_input_is_accounted_for(config: BuildConfig) -> None:
@@ -221,22 +202,6 @@ def _crashing_build(config: BuildConfig, k: int) -> None:
     build_index(config)
 
 
-def canonical(folder: Path) -> dict[str, list[tuple]]:
-    out = {}
-    for collection in ("images", "captions"):
-        rows = live(folder, collection)
-        key = "path" if collection == "images" else "text"
-        out[collection] = list(
-            zip(
-                rows.column("id").to_pylist(),
-                rows.column(key).to_pylist(),
-                rows.column("sha256").to_pylist(),
-                strict=True,
-            )
-        )
-    return out
-
-
 def test_crash_at_every_write_then_resume(config: BuildConfig, tmp_path: Path) -> None:
     """Kill the build at its k-th durable write, for every k; each time the store is a committed
     state, and a rerun ends where an uninterrupted build ends."""
@@ -255,11 +220,9 @@ def test_crash_at_every_write_then_resume(config: BuildConfig, tmp_path: Path) -
             child.kill()
             pytest.fail(f"the build with a crash at write {k} hung")
         assert child.exitcode == (0 if k > writes else 137), k
-        if (crashing.out / "manifest.json").exists():
-            with Store.open(crashing.out) as store:  # a committed state: every file it names is intact
-                for collection in store.manifest.collections:
-                    list(store.iter_shards(collection))
-                    store.outcomes(collection)
+        if (crashing.out / "manifest.json").exists():  # a committed state, whole
+            report = verify_index(crashing.out)
+            assert report.ok, (k, report.problems)
         build_index(crashing)
         assert canonical(crashing.out) == expected, k
         assert not list(crashing.out.rglob("*.tmp-*"))
@@ -267,33 +230,14 @@ def test_crash_at_every_write_then_resume(config: BuildConfig, tmp_path: Path) -
             a = embedding_matrix(live(crashing.out, collection).column("embedding"), 16)
             b = embedding_matrix(live(clean.out, collection).column("embedding"), 16)
             np.testing.assert_allclose(a, b, atol=1e-5)
+    print(f"build crashed at each of its {writes} durable writes, each resumed to the clean result")
     assert writes >= 10
 
 
 def test_sigkill_mid_build_then_rerun(config: BuildConfig, tmp_path: Path) -> None:
     clean = BuildConfig(**{**vars(config), "out": tmp_path / "clean"})
     build_index(clean)
-    args = [
-        str(Path(sys.executable).parent / "index"),
-        "build",
-        str(config.images),
-        "--captions",
-        str(config.captions[0]),
-        "--out",
-        str(config.out),
-        "--checkpoint",
-        str(config.model.checkpoint),
-        "--text-model",
-        str(config.model.text_model),
-        "--vision-model",
-        str(config.model.vision_model),
-        "--device",
-        "cpu",
-        "--workers",
-        "1",
-        "--shard-rows",
-        "1",
-    ]
+    args = build_args(config, "--shard-rows", "1")
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest = config.out / "manifest.json"
     deadline = time.monotonic() + 120

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval import Encoder, ModelSpec, MultiModalEncoder, load_checkpoint
+from retrieval import Encoder, ModelSpec, MultiModalEncoder, durable, load_checkpoint
+from retrieval.durable import CRASH_ENV
 from retrieval.errors import CheckpointError, ConfigError
 from retrieval.progress import Silent
 from retrieval.train import TrainConfig, _Run, clip_loss, train
@@ -184,6 +186,49 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not list((tmp_path / "b").glob(".*.tmp-*"))  # the crashed write's temporary file is gone
+
+
+def _crashing_train(run: TrainConfig, k: int) -> None:
+    torch.set_num_threads(1)  # a forked child must not wait on the parent's OpenMP pool
+    os.environ[CRASH_ENV] = str(k + durable.write_count())
+    train(run)
+
+
+def test_crash_at_every_write_then_resume(pairs: Path, towers: tuple[Path, Path], tmp_path: Path) -> None:
+    """Kill training at each of its durable writes in turn (checkpoints every step, the state
+    file, the log, the curves): what is on disk always loads as a seed-format checkpoint, and
+    resuming from it ends with the weights of an uninterrupted run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the forked children: the same float sums, bit for bit
+    try:
+        _crash_and_resume_at_every_write(pairs, towers, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _crash_and_resume_at_every_write(pairs: Path, towers: tuple[Path, Path], tmp_path: Path) -> None:
+    straight_run = config(pairs, towers, tmp_path / "straight", save_every=1)
+    before = durable.write_count()
+    straight = train(straight_run)
+    writes = durable.write_count() - before
+    expected = weights(straight.checkpoint)
+    context = multiprocessing.get_context("fork")
+    for k in range(1, writes + 2):
+        run = replace(straight_run, out=tmp_path / f"crash-{k}")
+        child = context.Process(target=_crashing_train, args=(run, k))
+        child.start()
+        child.join(300)
+        assert child.exitcode == (0 if k > writes else 137), k
+        saved = run.out / "checkpoint.pt"
+        if saved.exists():
+            state = torch.load(saved, weights_only=True)
+            assert set(state) == {"epoch", "global_step", "model_state_dict", "optimizer_state_dict"}, k
+        resumed = train(replace(run, resume=saved) if saved.exists() else run)
+        after = weights(resumed.checkpoint)
+        assert all(torch.equal(after[key], expected[key]) for key in expected), k
+        assert not list(run.out.glob(".*.tmp-*")), k
+    print(f"training crashed at each of its {writes} durable writes, each resumed to the same weights")
+    assert writes >= 8
 
 
 def test_cached_and_streamed_images_train_the_same(

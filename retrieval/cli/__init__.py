@@ -62,6 +62,7 @@ app.command("train")(train.train)
 model_app.command("info")(model.model_info)
 index_app.command("build")(index.index_build)
 index_app.command("info")(index.index_info)
+index_app.command("verify")(index.index_verify)
 search_app.command("text")(search.search_text)
 search_app.command("image")(search.search_image)
 

@@ -1,4 +1,4 @@
-"""``index build`` and ``index info``."""
+"""``index build``, ``index info`` and ``index verify``."""
 
 from __future__ import annotations
 
@@ -130,3 +130,32 @@ def index_info(
             typer.echo(f"    failed  {f['source']}: {f['reason']}")
         if len(c["failures"]) > 20:
             typer.echo(f"    ... {len(c['failures']) - 20} more (--json lists all)")
+
+
+def index_verify(
+    folder: Annotated[Path, typer.Argument(help="Index folder.")] = Path("indexes/default"),
+    as_json: Json = False,
+) -> None:
+    """Check an index folder against its manifest: hashes, rows, ids, vectors, FAISS ids, model.
+
+    Exit 0 only when every check holds; otherwise each problem is listed and the exit code is 2.
+    """
+    from retrieval.verify import verify_index
+
+    report = verify_index(folder)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for note in report.notes:
+            typer.echo(f"note: {note}")
+        for problem in report.problems:
+            typer.echo(f"problem: {problem}", err=True)
+        counts = ", ".join(
+            f"{name} {c.live} live of {c.rows} rows in {c.files} files"
+            for name, c in report.collections.items()
+        )
+        verdict = "ok" if report.ok else f"{len(report.problems)} problems"
+        where = f"generation {report.generation}; {counts or 'empty'}"
+        typer.echo(f"{folder}: {verdict} ({where}) in {report.seconds:.2f} s")
+    if not report.ok:
+        raise typer.Exit(2)

@@ -1,0 +1,80 @@
+"""Helpers for tests that build index folders: a build config over the made-up corpus, the live
+rows of a store, a canonical form to compare two stores, and the CLI arguments of a build."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from retrieval import ModelSpec
+from retrieval.indexer import BuildConfig
+from retrieval.store import Store
+
+
+def build_config(tmp_path: Path, corpus: Path, checkpoint: Path, towers: tuple[Path, Path]) -> BuildConfig:
+    """The corpus and three captions (one paired with an image, one empty), in small shards."""
+    captions = tmp_path / "captions.csv"
+    captions.write_text("caption,image,lang\na dog walking on the street,pic.bmp,en\n,,en\nthe cat,,fr\n")
+    return BuildConfig(
+        out=tmp_path / "index",
+        images=corpus,
+        captions=(captions,),
+        model=ModelSpec(checkpoint, *towers),
+        device="cpu",
+        workers=1,
+        image_shard_rows=4,
+        caption_shard_rows=2,
+    )
+
+
+def live(folder: Path, collection: str) -> pa.Table:
+    """Rows of ``collection`` still in search, sorted by id."""
+    with Store.open(folder) as store:
+        deleted = store.deleted_ids(collection)
+        tables = [t for _, t in store.iter_shards(collection)]
+    table = pa.concat_tables(tables)
+    table = table.filter(pa.array(~np.isin(table.column("id").to_numpy(), deleted)))
+    return table.sort_by("id")
+
+
+def canonical(folder: Path) -> dict[str, list[tuple]]:
+    """(id, source, sha256) of every live row, per collection."""
+    out = {}
+    for collection in ("images", "captions"):
+        rows = live(folder, collection)
+        key = "path" if collection == "images" else "text"
+        out[collection] = list(
+            zip(
+                rows.column("id").to_pylist(),
+                rows.column(key).to_pylist(),
+                rows.column("sha256").to_pylist(),
+                strict=True,
+            )
+        )
+    return out
+
+
+def build_args(config: BuildConfig, *extra: str) -> list[str]:
+    """The ``index build`` command line of ``config``."""
+    return [
+        str(Path(sys.executable).parent / "index"),
+        "build",
+        str(config.images),
+        *(a for c in config.captions for a in ("--captions", str(c))),
+        "--out",
+        str(config.out),
+        "--checkpoint",
+        str(config.model.checkpoint),
+        "--text-model",
+        str(config.model.text_model),
+        "--vision-model",
+        str(config.model.vision_model),
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        *extra,
+    ]

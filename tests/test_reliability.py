@@ -1,0 +1,532 @@
+"""Reliability of index folders: ``index verify`` and the damage it finds, hostile files refused by
+their hash, a failing disk, two writers at once, kills at random moments, and a decode fuzz.
+
+The crash at every durable write of a build is in ``test_indexer.py`` and of training in
+``test_train.py``; both verify every state they leave.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from corpus import GOOD, make_corpus
+from stores import build_args, build_config, canonical
+from transformers import ViTImageProcessor
+
+from retrieval import Retriever, StoreError, durable
+from retrieval.cli import index_app, run
+from retrieval.durable import FAULT_ENV
+from retrieval.indexer import BuildConfig, build_index
+from retrieval.preprocess import ImagePreprocess
+from retrieval.reader import decode_file
+from retrieval.store import Store
+from retrieval.verify import verify_index
+
+KILL_CYCLES = 8  # in CI; test_many_random_kills runs more under the slow marker
+FUZZ_PER_FILE = 24
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return make_corpus(tmp_path / "images", tmp_path / "outside")
+
+
+@pytest.fixture
+def config(tmp_path: Path, corpus: Path, checkpoint: Path, towers: tuple[Path, Path]) -> BuildConfig:
+    return build_config(tmp_path, corpus, checkpoint, towers)
+
+
+@pytest.fixture
+def built(config: BuildConfig) -> Path:
+    build_index(config)
+    return config.out
+
+
+def cli(argv: list[str]) -> int:
+    """Run the ``index`` app in this process; its exit code."""
+    try:
+        run(index_app, argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def tmp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if durable.TMP_MARKER in p.name]
+
+
+# -- index verify ---------------------------------------------------------------------------------
+
+
+def test_verify_is_green_on_a_build_and_its_updates(
+    config: BuildConfig, capsys: pytest.CaptureFixture
+) -> None:
+    build_index(config)
+    (config.images / "pic.webp").unlink()  # a deletion list appears
+    (config.images / "scan.tiff").touch()  # a changed mtime: a new row (its vector reused), the old deleted
+    build_index(config)
+    report = verify_index(config.out)
+    assert report.ok, report.problems
+    assert (report.collections["images"].live, report.collections["images"].index) == (len(GOOD) - 1, "flat")
+    assert report.collections["images"].rows == len(GOOD) + 1  # deleted rows stay in their shards
+    assert cli(["verify", str(config.out), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (
+        out["ok"] and out["problems"] == [] and out["collections"]["captions"]["live"] == 3
+    )  # two from the CSV, one sidecar
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def files_of(folder: Path, collection: str, suffix: str) -> list[str]:
+    state = manifest(folder)["collections"][collection]
+    names = [ref["file"] for ref in state["shards"]] + [state["index"]["file"]["file"]]
+    return [n for n in names if n.endswith(suffix)]
+
+
+def recommit(folder: Path, name: str, data: bytes) -> None:
+    """Write ``data`` as the store file ``name`` and record its hash in the manifest, as a faulty
+    writer would have: the damage is then past the hash check and only the deeper checks see it."""
+    (folder / name).write_bytes(data)
+    m = manifest(folder)
+    for state in m["collections"].values():
+        index = state.get("index") or {}
+        for ref in [*state["shards"], state.get("deleted"), state.get("outcomes"), index.get("file")]:
+            if ref and ref["file"] == name:
+                ref.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def swap(a: Path, b: Path) -> None:
+    data = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(data)
+
+
+def rewrite_shard(folder: Path, name: str, change: Callable[[pa.Table], pa.Table]) -> None:
+    table = change(pq.read_table(folder / name))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    recommit(folder, name, sink.getvalue().to_pybytes())
+
+
+def doubled_vectors(table: pa.Table) -> pa.Table:
+    column = table.column("embedding").combine_chunks()
+    doubled = pa.FixedSizeListArray.from_arrays(pc.multiply(column.flatten(), 2.0), column.type.list_size)
+    return table.set_column(table.schema.get_field_index("embedding"), "embedding", doubled)
+
+
+def other_model(table: pa.Table) -> pa.Table:
+    meta = dict(table.schema.metadata)
+    meta[b"retrieval.fingerprint"] = json.dumps({"digest": "0" * 64}).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def drop_one_id(folder: Path, name: str) -> None:
+    index = faiss.read_index(str(folder / name))
+    index.remove_ids(np.array([int(faiss.vector_to_array(index.id_map)[0])], dtype=np.int64))
+    recommit(folder, name, faiss.serialize_index(index).tobytes())
+
+
+def repeat_a_shard(folder: Path) -> None:
+    m = manifest(folder)
+    shards = m["collections"]["images"]["shards"]
+    copy = dict(shards[0], file="images/shard-000000000900.parquet")
+    shutil.copy(folder / shards[0]["file"], folder / copy["file"])
+    shards.append(copy)
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def edit_manifest(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        m = manifest(folder)
+        change(m)
+        (folder / "manifest.json").write_text(json.dumps(m))
+
+    return apply
+
+
+DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "truncated shard": (
+        lambda f: truncate(f / files_of(f, "images", ".parquet")[0]),
+        "bytes, the manifest says",
+    ),
+    "bit-flipped shard": (lambda f: flip_bit(f / files_of(f, "images", ".parquet")[0]), "sha256"),
+    "swapped shards": (
+        lambda f: swap(*(f / n for n in files_of(f, "images", ".parquet")[:2])),
+        "truncated or altered",
+    ),
+    "bit-flipped index": (lambda f: flip_bit(f / files_of(f, "images", ".faiss")[0]), "sha256"),
+    "missing index": (lambda f: (f / files_of(f, "captions", ".faiss")[0]).unlink(), "missing"),
+    "garbage manifest": (lambda f: (f / "manifest.json").write_text("{"), "unreadable or damaged"),
+    "index without a live id": (lambda f: drop_one_id(f, files_of(f, "images", ".faiss")[0]), "ids differ"),
+    "vectors not unit-norm": (
+        lambda f: rewrite_shard(f, files_of(f, "images", ".parquet")[0], doubled_vectors),
+        "unit-norm",
+    ),
+    "shard of another model": (
+        lambda f: rewrite_shard(f, files_of(f, "captions", ".parquet")[0], other_model),
+        "another model",
+    ),
+    "one shard twice": (repeat_a_shard, "appear in more than one row"),
+    "counts that do not add up": (
+        edit_manifest(lambda m: m["collections"]["images"]["counts"].update(indexed=99)),
+        "counts 99 indexed",
+    ),
+    "fingerprint edited": (
+        edit_manifest(lambda m: m["model"]["fingerprint"].update(checkpoint_sha256="0" * 64)),
+        "digest does not match",
+    ),
+}
+
+
+@pytest.mark.damages_stores
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_verify_finds_each_kind_of_damage(built: Path, damage: str, capsys: pytest.CaptureFixture) -> None:
+    change, expected = DAMAGE[damage]
+    assert verify_index(built).ok
+    change(built)
+    report = verify_index(built)
+    assert any(expected in p for p in report.problems), report.problems
+    assert cli(["verify", str(built)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+# -- hostile files: refused by their hash before any parser sees them ----------------------------
+
+
+HOSTILE = {
+    "truncated shard": lambda f: truncate(f / files_of(f, "images", ".parquet")[0]),
+    "bit-flipped shard": lambda f: flip_bit(f / files_of(f, "images", ".parquet")[1]),
+    "swapped shards": lambda f: swap(*(f / n for n in files_of(f, "images", ".parquet")[:2])),
+    "truncated index": lambda f: truncate(f / files_of(f, "images", ".faiss")[0]),
+    "bit-flipped index": lambda f: flip_bit(f / files_of(f, "images", ".faiss")[0]),
+    "swapped indexes": lambda f: swap(
+        f / files_of(f, "images", ".faiss")[0], f / files_of(f, "captions", ".faiss")[0]
+    ),
+}
+
+
+@pytest.mark.damages_stores
+@pytest.mark.parametrize("damage", HOSTILE)
+def test_altered_files_are_refused_before_parsing(
+    built: Path, damage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    committed = {
+        ref["sha256"]
+        for state in manifest(built)["collections"].values()
+        for ref in [*state["shards"], state["index"]["file"]]
+    }
+    parsed: list[str] = []
+    read_table, read_index = pq.read_table, faiss.read_index
+
+    def spy_table(source: pa.BufferReader, *args: object, **kwargs: object) -> pa.Table:
+        data = source.read()
+        parsed.append(hashlib.sha256(data).hexdigest())
+        return read_table(pa.BufferReader(data), *args, **kwargs)
+
+    def spy_index(path: str, *args: object) -> faiss.Index:
+        parsed.append(durable.file_sha256(Path(path)))
+        return read_index(path, *args)
+
+    monkeypatch.setattr(pq, "read_table", spy_table)
+    monkeypatch.setattr(faiss, "read_index", spy_index)
+    with Retriever.open(built, device="cpu") as r:
+        r.search_text("a dog", k=5)
+    assert parsed, "the spies see the parsing of an intact store"
+    parsed.clear()
+    HOSTILE[damage](built)
+    with (
+        pytest.raises(StoreError, match="does not match its sha256"),
+        Retriever.open(built, device="cpu") as r,
+    ):
+        r.search_text("a dog", k=5)  # the index, then every shard for the hits' rows
+    assert set(parsed) <= committed  # every byte string that reached a parser was a committed one
+
+
+# -- a failing disk ---------------------------------------------------------------------------------
+
+
+def change_corpus(config: BuildConfig) -> None:
+    """Work for a second build: a file removed, one edited, one added, a caption added."""
+    (config.images / "pic.webp").unlink()
+    shutil.copy(config.images / "pic.bmp", config.images / "copy-of-pic.bmp")
+    with (config.images / "nested" / "deeper" / "leaf.jpeg").open("ab") as f:
+        f.write(b"\0")
+    with config.captions[0].open("a") as f:
+        f.write("a red flag,clipart/flag.png,en\n")
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "EIO"])
+def test_a_failing_write_leaves_a_committed_store(
+    built: Path, config: BuildConfig, tmp_path: Path, error: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Every durable write of an incremental build fails in turn: each time one clean line and
+    exit 2, the store at a committed state (the previous one when the first write fails), no
+    temporary file left, and the next run ends where an undisturbed one does."""
+    change_corpus(config)
+    expected_store = tmp_path / "expected"
+    shutil.copytree(built, expected_store)
+    before = durable.write_count()
+    assert cli(build_args(BuildConfig(**{**vars(config), "out": expected_store}))[1:]) == 0
+    writes = durable.write_count() - before
+    expected = canonical(expected_store)
+    assert writes >= 5
+    points = range(1, writes + 1) if error == "ENOSPC" else (1, writes)
+    print(f"{error} at {len(points)} of the {writes} writes of an incremental build: each a clean error")
+    for k in points:
+        store = tmp_path / f"fault-{k}"
+        shutil.copytree(built, store)
+        previous = (store / "manifest.json").read_bytes()
+        out = build_args(BuildConfig(**{**vars(config), "out": store}))[1:]
+        monkeypatch.setenv(FAULT_ENV, f"write:{k + durable.write_count()}:{error}")
+        assert cli(out) == 2, k
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and os.strerror(getattr(errno, error)) in err[0], (k, err)
+        monkeypatch.delenv(FAULT_ENV)
+        if k == 1:
+            assert (store / "manifest.json").read_bytes() == previous
+        assert verify_index(store).ok, k
+        assert not tmp_files(store), k
+        assert cli(out) == 0, k
+        assert canonical(store) == expected, k
+
+
+def test_a_failing_read_is_a_clean_error(
+    built: Path, config: BuildConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """EIO at each read of a committed file, in an incremental build and in a search."""
+    change_corpus(config)
+    previous = (built / "manifest.json").read_bytes()
+    argv = build_args(config)[1:]
+    for k in range(1, 6):
+        monkeypatch.setenv(FAULT_ENV, f"read:{k + durable.read_count()}:EIO")
+        assert cli(argv) == 2, k
+        assert "Input/output error" in capsys.readouterr().err
+        assert (built / "manifest.json").read_bytes() == previous, k  # reads come before any write
+        assert verify_index(built).ok
+    monkeypatch.setenv(FAULT_ENV, f"read:{1 + durable.read_count()}:EIO")
+    with pytest.raises(StoreError, match="Input/output error"), Retriever.open(built, device="cpu") as r:
+        r.search_vectors(np.eye(1, 16, dtype=np.float32), k=3)
+    monkeypatch.delenv(FAULT_ENV)
+    assert cli(argv) == 0
+    assert verify_index(built).ok
+
+
+# -- processes: two writers, kills ------------------------------------------------------------------
+
+
+def wait_for_lock(folder: Path, pid: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        lock = folder / ".lock"
+        if lock.exists() and lock.read_text().strip() == str(pid):
+            return
+        time.sleep(0.005)
+    pytest.fail("the first build never took the lock")
+
+
+def test_two_builds_at_once_one_is_refused(config: BuildConfig, tmp_path: Path) -> None:
+    args = build_args(config, "--shard-rows", "1")
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_lock(config.out, first.pid, first)
+    os.kill(first.pid, signal.SIGSTOP)  # hold it inside its build, lock taken
+    try:
+        assert first.poll() is None
+        second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"error: {config.out} is locked by another build (pid {first.pid}); wait for it to finish"
+    ]
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    build_index(BuildConfig(**{**vars(config), "out": tmp_path / "clean"}))
+    assert canonical(config.out) == canonical(tmp_path / "clean")
+    assert verify_index(config.out).ok
+
+
+def test_kill_right_after_success_is_reported(config: BuildConfig, tmp_path: Path) -> None:
+    """What the build reported done is on disk: a SIGKILL the moment the summary is printed."""
+    process = subprocess.Popen(
+        build_args(config), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    summary = process.stdout.readline() if process.stdout else ""
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert "images" in summary and "indexed" in summary, summary
+    assert verify_index(config.out).ok
+    generation = manifest(config.out)["generation"]
+    build_index(BuildConfig(**{**vars(config), "out": tmp_path / "clean"}))
+    assert canonical(config.out) == canonical(tmp_path / "clean")
+    build_index(config)
+    assert manifest(config.out)["generation"] == generation  # nothing left to do
+
+
+def kill_cycles(config: BuildConfig, tmp_path: Path, cycles: int, seed: int) -> dict[str, int]:
+    """SIGKILL a real ``index build`` at a random moment, ``cycles`` times, verifying each state.
+
+    The kill moment is drawn over the length of an undisturbed run (start-up included). A run that
+    finished is compared with the undisturbed one, and the folder starts over.
+    """
+    args = build_args(config, "--shard-rows", "1")
+    clean = BuildConfig(**{**vars(config), "out": tmp_path / "clean"})
+    started = time.monotonic()
+    subprocess.run(build_args(clean, "--shard-rows", "1"), check=True, capture_output=True, timeout=300)
+    length = time.monotonic() - started
+    expected = canonical(clean.out)
+    rng = random.Random(seed)
+    stats = {"kills": 0, "finished": 0, "committed states verified": 0}
+    for _ in range(cycles):
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.1) * length)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if (config.out / "manifest.json").exists():
+            report = verify_index(config.out)
+            assert report.ok, report.problems
+            stats["committed states verified"] += 1
+        if process.returncode == 0:
+            stats["finished"] += 1
+            assert canonical(config.out) == expected
+            shutil.rmtree(config.out)
+        else:
+            stats["kills"] += 1
+    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    assert canonical(config.out) == expected
+    assert verify_index(config.out).ok
+    return stats
+
+
+def test_random_kills(config: BuildConfig, tmp_path: Path) -> None:
+    stats = kill_cycles(config, tmp_path, KILL_CYCLES, seed=1)
+    print(f"random kills: {stats}")
+    assert stats["kills"] >= KILL_CYCLES // 2, stats
+
+
+@pytest.mark.slow
+def test_many_random_kills(config: BuildConfig, tmp_path: Path) -> None:
+    stats = kill_cycles(config, tmp_path, 100, seed=2)
+    print(f"random kills: {stats}")
+    assert stats["kills"] >= 50, stats
+
+
+# -- a bounded decode fuzz ----------------------------------------------------------------------------
+
+
+def mutants(data: bytes, count: int, rng: random.Random) -> list[bytes]:
+    """``count`` damaged copies of ``data``: bit flips, cuts, overwritten and repeated spans."""
+    out = []
+    for i in range(count):
+        mutant = bytearray(data)
+        kind = i % 4
+        if kind == 0:
+            for _ in range(rng.randint(1, 16)):
+                mutant[rng.randrange(len(mutant))] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            del mutant[rng.randrange(1, len(mutant)) :]
+        elif kind == 2:
+            start = rng.randrange(len(mutant))
+            mutant[start : start + rng.randint(1, 64)] = rng.randbytes(rng.randint(1, 64))
+        else:
+            start = rng.randrange(len(mutant))
+            mutant[start:start] = mutant[start : start + rng.randint(1, 256)] * rng.randint(2, 8)
+        out.append(bytes(mutant))
+    return out
+
+
+def _decode_status(path: Path, preprocess: ImagePreprocess) -> str:
+    torch.set_num_threads(1)
+    try:
+        decode_file(path, preprocess)
+    except (ValueError, OSError) as e:  # what the reader records as the file's failure
+        return f"failed: {e}"
+    return "decoded"
+
+
+def fuzz(corpus: Path, out: Path, per_file: int, towers: tuple[Path, Path], seed: int) -> dict[str, str]:
+    """Write the mutants of every good fixture to ``out``; decode each in a worker with a timeout.
+
+    A decoder that hangs, crashes its process or raises anything but the errors the reader
+    documents fails the test here, with the file's name.
+    """
+    rng = random.Random(seed)
+    out.mkdir()
+    files = []
+    for name in GOOD:
+        source = corpus / name
+        for i, data in enumerate(mutants(source.read_bytes(), per_file, rng)):
+            target = out / f"{source.stem}-{i}{source.suffix}"
+            target.write_bytes(data)
+            files.append(target)
+    preprocess = ImagePreprocess.from_processor(ViTImageProcessor.from_pretrained(towers[1]))
+    statuses = {}
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        for path in files:
+            try:
+                statuses[path.name] = pool.submit(_decode_status, path, preprocess).result(timeout=30)
+            except FutureTimeout:
+                pytest.fail(f"decoding {path.name} hung")
+    return statuses
+
+
+def fuzzed_build(
+    corpus: Path, tmp_path: Path, config: BuildConfig, towers: tuple[Path, Path], per_file: int
+) -> None:
+    """Mutated copies of every good fixture: the decoder gives each a status, and a build over
+    them all finishes, accounts for every file, and verifies."""
+    statuses = fuzz(corpus, tmp_path / "fuzz", per_file, towers, seed=per_file)
+    assert len(statuses) == len(GOOD) * per_file
+    failed = {name for name, status in statuses.items() if status != "decoded"}
+    print(f"decode fuzz: {len(statuses)} mutants, {len(failed)} refused with a reason, the rest decoded")
+    assert 0 < len(failed) < len(statuses)  # the mutations bite, and not every one is fatal
+    report = build_index(BuildConfig(**{**vars(config), "images": tmp_path / "fuzz", "captions": ()}))
+    images = report.collections["images"]
+    assert images.indexed + images.skipped + images.failed == len(statuses)
+    with Store.open(config.out) as store:
+        recorded = {Path(o.source).name for o in store.outcomes("images") if o.status == "failed"}
+    assert recorded == failed  # the build's reader and the lone decoder agree, file by file
+    assert verify_index(config.out).ok
+
+
+def test_decode_fuzz(corpus: Path, tmp_path: Path, config: BuildConfig, towers: tuple[Path, Path]) -> None:
+    fuzzed_build(corpus, tmp_path, config, towers, FUZZ_PER_FILE)
+
+
+@pytest.mark.slow
+def test_long_decode_fuzz(
+    corpus: Path, tmp_path: Path, config: BuildConfig, towers: tuple[Path, Path]
+) -> None:
+    fuzzed_build(corpus, tmp_path, config, towers, 240)
