@@ -11,8 +11,10 @@ Benin", and a long one that adds a short description and the keywords, "a flag: 
 nations member, flag, africa, sign". About 15% of every
 category is held out, chosen by a hash of the file name, so the split is stable across runs.
 
-Output: ``captions.csv`` (every caption of every image), ``train.csv`` and ``heldout.csv`` (the
-split, by image), with the columns image, caption, category, title, keywords, source.
+Output: ``captions.csv`` (every caption of every image, what the demo indexes), ``heldout.csv``
+(the held-out images' captions, what the demo evaluates on) and ``train.csv`` (what the demo model
+trains on: each other image with its long caption and with its category alone, "a flag"), with the
+columns image, caption, category, title, keywords, source.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def captions_of(png: Path, category: str, title: str, description: str, keywords
         # The file name, without the author and numbering the library appended.
         title = re.sub(r"(_\d+|_r|_)+$", "", png.stem).replace("_", " ").replace("-", " ")
     title = title.replace("_", " ").replace("-", " ").strip()
-    parts = [f"{'an' if category[0] in 'aeiou' else 'a'} {category}: {title}"]
+    parts = [f"{with_article(category)}: {title}"]
     sentence = description.split(". ")[0].strip().rstrip(".")
     personal = "@" in sentence or "http" in sentence or "www." in sentence
     if sentence and not personal and len(sentence) <= 100 and sentence.lower() != title.lower():
@@ -108,6 +110,25 @@ def captions_of(png: Path, category: str, title: str, description: str, keywords
     if keywords:
         parts.append(", ".join(keywords[:8]))
     return [parts[0], ". ".join(parts)] if len(parts) > 1 else parts
+
+
+def with_article(category: str) -> str:
+    return f"{'an' if category[0] in 'aeiou' else 'a'} {category}"
+
+
+def training_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The demo model's training pairs: each image with its fullest caption, and with its category
+    alone ("a flag"). Images of a category share that caption, so the loss treats them as each
+    other's positives there: the small image tower learns what a category looks like, not only
+    which of its neighbours is which."""
+    by_image: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_image.setdefault(row["image"], []).append(row)
+    out = []
+    for image_rows in by_image.values():
+        fullest = max(image_rows, key=lambda r: len(r["caption"]))
+        out += [fullest, {**fullest, "caption": with_article(fullest["category"])}]
+    return out
 
 
 def held_out(name: str) -> bool:
@@ -160,7 +181,7 @@ def main() -> None:
         print(f"{category}: {len({r['image'] for r in rows if r['category'] == category})}", file=sys.stderr)
     for name, chosen in (
         ("captions.csv", rows),
-        ("train.csv", [r for r in rows if not held_out(r["source"])]),
+        ("train.csv", training_rows([r for r in rows if not held_out(r["source"])])),
         ("heldout.csv", [r for r in rows if held_out(r["source"])]),
     ):
         with (HERE / name).open("w", newline="", encoding="utf-8") as f:

@@ -17,10 +17,13 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import numpy as np
 import pytest
 import torch
+from corpus import make_corpus
 from PIL import Image
+from stores import build_config
 from transformers import BertConfig, ViTConfig, ViTImageProcessor
 
 from retrieval import MultiModalEncoder
+from retrieval.indexer import BuildConfig
 from retrieval.verify import verify_index
 
 WORDS = (
@@ -119,3 +122,15 @@ def _verify_the_stores_left(request: pytest.FixtureRequest) -> Iterator[None]:
         report = verify_index(manifest.parent)
         if not report.ok:
             pytest.fail(f"{manifest.parent} fails index verify: {report.problems}")
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A made-up image folder with every mode and every kind of bad file (``corpus.py``)."""
+    return make_corpus(tmp_path / "images", tmp_path / "outside")
+
+
+@pytest.fixture
+def config(tmp_path: Path, corpus: Path, checkpoint: Path, towers: tuple[Path, Path]) -> BuildConfig:
+    """A build of ``corpus`` and three captions into ``tmp_path / "index"``, in small shards."""
+    return build_config(tmp_path, corpus, checkpoint, towers)

@@ -39,6 +39,19 @@ def test_the_split_is_disjoint_and_covers_every_category() -> None:
     assert 0.1 <= len(heldout) / len(everything) <= 0.2
 
 
+def test_training_pairs_are_the_fullest_caption_and_the_category() -> None:
+    captions: dict[str, list[str]] = {}
+    for r in rows("captions.csv"):
+        captions.setdefault(r["image"], []).append(r["caption"])
+    train: dict[str, list[dict[str, str]]] = {}
+    for r in rows("train.csv"):
+        train.setdefault(r["image"], []).append(r)
+    for image, pair in train.items():
+        fullest, category = (r["caption"] for r in pair)
+        assert fullest == max(captions[image], key=len)
+        assert category in (f"a {pair[0]['category']}", f"an {pair[0]['category']}")
+
+
 def test_images_are_small_and_the_corpus_fits_in_git() -> None:
     files = sorted((DATA / "images").rglob("*.png"))
     assert sum(f.stat().st_size for f in files) < 20 * 1024 * 1024

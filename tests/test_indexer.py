@@ -18,25 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import seed_checkpoint
-from corpus import BAD, GOOD, SKIPPED, make_corpus
+from corpus import BAD, GOOD, SKIPPED
 from PIL import Image
-from stores import build_args, build_config, canonical, live
+from stores import build_args, canonical, live
 
 from retrieval import Encoder, IndexMismatchError, ModelSpec, MultiModalEncoder, StoreError, durable
 from retrieval.durable import CRASH_ENV
 from retrieval.indexer import BuildConfig, build_index
 from retrieval.store import Store, embedding_matrix
 from retrieval.verify import verify_index
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    return make_corpus(tmp_path / "images", tmp_path / "outside")
-
-
-@pytest.fixture
-def config(tmp_path: Path, corpus: Path, checkpoint: Path, towers: tuple[Path, Path]) -> BuildConfig:
-    return build_config(tmp_path, corpus, checkpoint, towers)
 
 
 def test_every_input_is_accounted_for(config: BuildConfig) -> None:

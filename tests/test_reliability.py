@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from corpus import GOOD, make_corpus
-from stores import build_args, build_config, canonical
+from corpus import GOOD
+from stores import build_args, canonical
 from transformers import ViTImageProcessor
 
 from retrieval import Retriever, StoreError, durable
@@ -43,16 +43,6 @@ from retrieval.verify import verify_index
 
 KILL_CYCLES = 8  # in CI; test_many_random_kills runs more under the slow marker
 FUZZ_PER_FILE = 24
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    return make_corpus(tmp_path / "images", tmp_path / "outside")
-
-
-@pytest.fixture
-def config(tmp_path: Path, corpus: Path, checkpoint: Path, towers: tuple[Path, Path]) -> BuildConfig:
-    return build_config(tmp_path, corpus, checkpoint, towers)
 
 
 @pytest.fixture
