@@ -68,7 +68,7 @@ def tmp_files(folder: Path) -> list[Path]:
 
 
 def test_verify_is_green_on_a_build_and_its_updates(
-    config: BuildConfig, capsys: pytest.CaptureFixture
+    config: BuildConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
     build_index(config)
     (config.images / "pic.webp").unlink()  # a deletion list appears
@@ -203,7 +203,9 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
 
 @pytest.mark.damages_stores
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_verify_finds_each_kind_of_damage(built: Path, damage: str, capsys: pytest.CaptureFixture) -> None:
+def test_verify_finds_each_kind_of_damage(
+    built: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     change, expected = DAMAGE[damage]
     assert verify_index(built).ok
     change(built)
@@ -280,7 +282,12 @@ def change_corpus(config: BuildConfig) -> None:
 
 @pytest.mark.parametrize("error", ["ENOSPC", "EIO"])
 def test_a_failing_write_leaves_a_committed_store(
-    built: Path, config: BuildConfig, tmp_path: Path, error: str, monkeypatch: pytest.MonkeyPatch, capsys
+    built: Path,
+    config: BuildConfig,
+    tmp_path: Path,
+    error: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Every durable write of an incremental build fails in turn: each time one clean line and
     exit 2, the store at a committed state (the previous one when the first write fails), no
@@ -294,7 +301,8 @@ def test_a_failing_write_leaves_a_committed_store(
     expected = canonical(expected_store)
     assert writes >= 5
     points = range(1, writes + 1) if error == "ENOSPC" else (1, writes)
-    print(f"{error} at {len(points)} of the {writes} writes of an incremental build: each a clean error")
+    with capsys.disabled():
+        print(f"{error} at {len(points)} of the {writes} writes of an incremental build: each a clean error")
     for k in points:
         store = tmp_path / f"fault-{k}"
         shutil.copytree(built, store)
@@ -314,7 +322,7 @@ def test_a_failing_write_leaves_a_committed_store(
 
 
 def test_a_failing_read_is_a_clean_error(
-    built: Path, config: BuildConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    built: Path, config: BuildConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """EIO at each read of a committed file, in an incremental build and in a search."""
     change_corpus(config)
