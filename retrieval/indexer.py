@@ -30,7 +30,7 @@ from retrieval.errors import ConfigError, InputError
 from retrieval.imaging import DEFAULT_MAX_PIXELS
 from retrieval.index import IndexConfig, IndexRecord, build_collection_index, live_vectors
 from retrieval.progress import Progress, Silent
-from retrieval.reader import default_workers, read_images
+from retrieval.reader import DEFAULT_DECODE_TIMEOUT, default_workers, read_images
 from retrieval.sources import (
     CAPTION_FORMATS,
     CaptionRecord,
@@ -71,6 +71,7 @@ class BuildConfig:
     image_shard_rows: int = 4096
     caption_shard_rows: int = 16384
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds for one image; 0: no limit
     index: IndexConfig = field(default_factory=IndexConfig)
 
 
@@ -485,7 +486,12 @@ class _Builder:
             torch.set_num_threads(min(threads, 2))
         try:
             groups = read_images(
-                root, plan, self.encoder.preprocess, workers=workers, max_pixels=self.config.max_pixels
+                root,
+                plan,
+                self.encoder.preprocess,
+                workers=workers,
+                max_pixels=self.config.max_pixels,
+                decode_timeout=self.config.decode_timeout,
             )
             for group in groups:
                 for index, outcome in group.failures:

@@ -5,6 +5,11 @@ Each worker decodes a small group of images (``group`` files) and returns them a
 holds back only its own group while the other workers keep the model fed. Every file ends as
 pixels or as an ``Outcome`` with the reason: a bad file never costs its neighbours.
 
+Each file also has a time limit (``decode_timeout``, 60 s by default): a decoder that spins on a
+crafted file is interrupted by a timer signal and the file fails with the reason, instead of
+holding its worker forever. The limit needs the decoding thread to be its process's main thread
+(always so in worker processes); elsewhere files decode without one.
+
 Big JPEGs are decoded at a reduced scale (libjpeg's DCT scaling, ``Image.draft``) when the image
 is at least twice the model's input in both sides after reduction, which keeps the result within
 the reference path's tolerance while decoding several times faster.
@@ -12,9 +17,12 @@ the reference path's tolerance while decoding several times faster.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +38,16 @@ from retrieval.imaging import DEFAULT_MAX_PIXELS, to_rgb
 from retrieval.preprocess import ImagePreprocess
 from retrieval.sources import ImageFile, Outcome
 
-__all__ = ["DecodedGroup", "DecodedImage", "decode_file", "default_workers", "read_images"]
+__all__ = [
+    "DEFAULT_DECODE_TIMEOUT",
+    "DecodedGroup",
+    "DecodedImage",
+    "decode_file",
+    "default_workers",
+    "read_images",
+]
+
+DEFAULT_DECODE_TIMEOUT = 60.0  # seconds for one file; the biggest allowed PNG takes a few
 
 
 @dataclass(frozen=True)
@@ -103,17 +120,48 @@ def decode_file(
     return digest, width, height, preprocess.to_pixels(rgb), reduced
 
 
+class _DecodeTimeout(BaseException):
+    """Raised by the timer; a BaseException so that the decoder's own ``except Exception`` blocks
+    cannot turn it into an ordinary decode error."""
+
+
+def _raise_timeout(signum: int, frame: Any) -> None:
+    raise _DecodeTimeout
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise ``_DecodeTimeout`` in this thread after ``seconds`` (main thread only; else no limit)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class _GroupDataset(Dataset[DecodedGroup]):
     """Item ``g`` is the ``g``-th group of ``group`` consecutive files of the plan."""
 
     def __init__(
-        self, root: Path, files: Sequence[ImageFile], preprocess: ImagePreprocess, max_pixels: int, group: int
+        self,
+        root: Path,
+        files: Sequence[ImageFile],
+        preprocess: ImagePreprocess,
+        max_pixels: int,
+        group: int,
+        timeout: float,
     ) -> None:
         self.root = root
         self.files = files
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.group = group
+        self.timeout = timeout
 
     def __len__(self) -> int:
         return (len(self.files) + self.group - 1) // self.group
@@ -123,17 +171,19 @@ class _GroupDataset(Dataset[DecodedGroup]):
         for index in range(g * self.group, min((g + 1) * self.group, len(self.files))):
             file = self.files[index]
             try:
-                sha, width, height, pixels, reduced = decode_file(
-                    self.root / file.path, self.preprocess, self.max_pixels
-                )
+                with _time_limit(self.timeout):
+                    sha, width, height, pixels, reduced = decode_file(
+                        self.root / file.path, self.preprocess, self.max_pixels
+                    )
+            except _DecodeTimeout:
+                reason = f"decoding took longer than {self.timeout:g} s"
             except Exception as e:  # per-file isolation: any decoder error is this file's outcome
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                failures.append(
-                    (index, Outcome(file.path, "failed", "decode", reason, file.size, file.mtime_ns))
-                )
+            else:
+                images.append(DecodedImage(index, sha, width, height, reduced))
+                arrays.append(pixels)
                 continue
-            images.append(DecodedImage(index, sha, width, height, reduced))
-            arrays.append(pixels)
+            failures.append((index, Outcome(file.path, "failed", "decode", reason, file.size, file.mtime_ns)))
         shape = (0, self.preprocess.height, self.preprocess.width, 3)
         stacked = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape, dtype=torch.uint8)
         return DecodedGroup(images, stacked, failures)
@@ -158,13 +208,15 @@ def read_images(
     group: int = 8,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     ordered: bool = False,
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
 ) -> Iterator[DecodedGroup]:
     """Decode ``files`` (relative to ``root``) in ``workers`` processes, groups in completion order.
 
     ``ordered=True`` yields the groups in file order instead (training batches must not depend on
-    which worker finished first). ``workers=0`` decodes in this process, in order.
+    which worker finished first). ``workers=0`` decodes in this process, in order. A file that takes
+    longer than ``decode_timeout`` seconds (0: no limit) fails with that reason.
     """
-    dataset = _GroupDataset(root, files, preprocess, max_pixels, group)
+    dataset = _GroupDataset(root, files, preprocess, max_pixels, group, decode_timeout)
     if len(dataset) == 0:
         return
     if workers == 0:

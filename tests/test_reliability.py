@@ -32,7 +32,7 @@ from corpus import GOOD
 from stores import build_args, canonical
 from transformers import ViTImageProcessor
 
-from retrieval import Retriever, StoreError, durable
+from retrieval import Retriever, StoreError, durable, reader
 from retrieval.cli import index_app, run
 from retrieval.durable import FAULT_ENV
 from retrieval.indexer import BuildConfig, build_index
@@ -521,6 +521,29 @@ def fuzzed_build(
 
 def test_decode_fuzz(corpus: Path, tmp_path: Path, config: BuildConfig, towers: tuple[Path, Path]) -> None:
     fuzzed_build(corpus, tmp_path, config, towers, FUZZ_PER_FILE)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_decoder_that_hangs_costs_only_its_file(
+    config: BuildConfig, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """A file whose decoding never ends is stopped by the reader's time limit, in this process and
+    in a worker, and fails with the reason; the others are indexed."""
+    real = reader.decode_file
+
+    def hangs_on_bmp(path: Path, *args: object) -> object:
+        if path.suffix == ".bmp":
+            time.sleep(3600)
+        return real(path, *args)
+
+    monkeypatch.setattr(reader, "decode_file", hangs_on_bmp)
+    started = time.monotonic()
+    build_index(BuildConfig(**{**vars(config), "workers": workers, "decode_timeout": 0.5}))
+    assert time.monotonic() - started < 120
+    with Store.open(config.out) as store:
+        failed = {o.source: o.reason for o in store.outcomes("images") if o.status == "failed"}
+        assert failed["pic.bmp"] == "decoding took longer than 0.5 s"
+        assert store.state("images").counts["indexed"] == len(GOOD) - 1
 
 
 @pytest.mark.slow
