@@ -114,7 +114,8 @@ class Manifest:
 
     @property
     def fingerprint(self) -> str | None:
-        value = self.model.get("fingerprint", {}).get("digest")
+        raw = self.model.get("fingerprint")
+        value = raw.get("digest") if isinstance(raw, dict) else None
         return str(value) if value else None
 
     def to_json(self) -> str:

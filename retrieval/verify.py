@@ -105,8 +105,7 @@ def _verify(folder: Path, report: VerifyReport) -> None:
             report.problems.append(f"{folder} has no manifest")
             return
         report.generation = manifest.generation
-        fingerprint = _check_fingerprint(manifest.model, report)
-        dim = int(manifest.model.get("fingerprint", {}).get("dim", 0))
+        fingerprint, dim = _check_fingerprint(manifest.model, report)
         for name, state in sorted(manifest.collections.items()):
             if name not in COLLECTIONS:
                 report.problems.append(f"manifest: unknown collection {name!r}")
@@ -115,19 +114,21 @@ def _verify(folder: Path, report: VerifyReport) -> None:
         _note_leftovers(store, report)
 
 
-def _check_fingerprint(model: dict[str, Any], report: VerifyReport) -> str | None:
+def _check_fingerprint(model: dict[str, Any], report: VerifyReport) -> tuple[str | None, int]:
+    """The fingerprint's recomputed digest and the embedding width (None, 0 when unreadable)."""
     raw = model.get("fingerprint")
     if not isinstance(raw, dict):
         report.problems.append("manifest: no model fingerprint")
-        return None
+        return None, 0
     try:
-        recomputed = ModelFingerprint.from_dict(raw).digest
+        fingerprint = ModelFingerprint.from_dict(raw)
+        dim = int(fingerprint.dim)
     except (TypeError, KeyError, ValueError) as e:
         report.problems.append(f"manifest: unreadable model fingerprint ({e})")
-        return None
-    if recomputed != raw.get("digest"):
+        return None, 0
+    if fingerprint.digest != raw.get("digest"):
         report.problems.append("manifest: the model fingerprint's digest does not match its fields")
-    return recomputed
+    return fingerprint.digest, dim
 
 
 def _check_collection(
@@ -141,6 +142,10 @@ def _check_collection(
         table = _read_table(store, ref, report)
         check.files += 1
         if table is None:
+            complete = False
+            continue
+        if missing := {"id", "embedding"} - set(table.column_names):
+            problems.append(f"{ref.file}: no {' or '.join(sorted(missing))} column")
             complete = False
             continue
         _check_shard_metadata(table, ref, name, fingerprint, problems)
@@ -158,7 +163,9 @@ def _check_collection(
     for ref in {f.file: f for f in (state.deleted, published.deleted) if f is not None}.values():
         check.files += 1
         table = _read_table(store, ref, report)
-        if table is None:
+        if table is None or "id" not in table.column_names:
+            if table is not None:
+                problems.append(f"{ref.file}: no id column")
             complete = False
         else:
             deleted[ref.file] = table.column("id").to_numpy()
@@ -236,15 +243,16 @@ def _check_shard_metadata(
     table: pa.Table, ref: FileRef, collection: str, fingerprint: str | None, problems: list[str]
 ) -> None:
     meta = table.schema.metadata or {}
-    version = meta.get(b"retrieval.schema_version", b"").decode()
+    version = meta.get(b"retrieval.schema_version", b"").decode(errors="replace")
     if version != str(SCHEMA_VERSION):
         problems.append(f"{ref.file}: schema version {version or 'missing'}, expected {SCHEMA_VERSION}")
-    if meta.get(b"retrieval.collection", b"").decode() != collection:
+    if meta.get(b"retrieval.collection", b"").decode(errors="replace") != collection:
         problems.append(f"{ref.file}: its metadata names another collection")
     try:
-        digest = json.loads(meta.get(b"retrieval.fingerprint", b"{}")).get("digest")
+        written = json.loads(meta.get(b"retrieval.fingerprint", b"{}"))
     except ValueError:
-        digest = None
+        written = None
+    digest = written.get("digest") if isinstance(written, dict) else None
     if fingerprint is not None and digest != fingerprint:
         problems.append(f"{ref.file}: written by another model (fingerprint {str(digest)[:12]})")
 

@@ -189,10 +189,20 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda f: rewrite_shard(f, files_of(f, "captions", ".parquet")[0], other_model),
         "another model",
     ),
+    "shard without vectors": (
+        lambda f: rewrite_shard(
+            f, files_of(f, "images", ".parquet")[0], lambda t: t.drop_columns(["embedding"])
+        ),
+        "no embedding column",
+    ),
     "one shard twice": (repeat_a_shard, "appear in more than one row"),
     "counts that do not add up": (
         edit_manifest(lambda m: m["collections"]["images"]["counts"].update(indexed=99)),
         "counts 99 indexed",
+    ),
+    "fingerprint missing": (
+        edit_manifest(lambda m: m["model"].update(fingerprint=None)),
+        "no model fingerprint",
     ),
     "fingerprint edited": (
         edit_manifest(lambda m: m["model"]["fingerprint"].update(checkpoint_sha256="0" * 64)),
