@@ -57,6 +57,18 @@ def canonical(folder: Path) -> dict[str, list[tuple]]:
     return out
 
 
+def model_flags(checkpoint: Path, text_model: Path, vision_model: Path) -> list[str]:
+    """The CLI's model flags for a checkpoint and its two tower folders."""
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--text-model",
+        str(text_model),
+        "--vision-model",
+        str(vision_model),
+    ]
+
+
 def build_args(config: BuildConfig, *extra: str) -> list[str]:
     """The ``index build`` command line of ``config``."""
     return [
@@ -66,12 +78,7 @@ def build_args(config: BuildConfig, *extra: str) -> list[str]:
         *(a for c in config.captions for a in ("--captions", str(c))),
         "--out",
         str(config.out),
-        "--checkpoint",
-        str(config.model.checkpoint),
-        "--text-model",
-        str(config.model.text_model),
-        "--vision-model",
-        str(config.model.vision_model),
+        *model_flags(config.model.checkpoint, config.model.text_model, config.model.vision_model),
         "--device",
         "cpu",
         "--workers",

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from stores import model_flags
 
 BIN = Path(sys.executable).parent
 
@@ -53,16 +54,7 @@ def test_model_info(checkpoint: Path, towers: tuple[Path, Path]) -> None:
 def test_library_error_is_one_line_and_exit_2(tmp_path: Path, towers: tuple[Path, Path]) -> None:
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"\x00" * 100)
-    args = [
-        "model",
-        "info",
-        "--checkpoint",
-        str(bad),
-        "--text-model",
-        str(towers[0]),
-        "--vision-model",
-        str(towers[1]),
-    ]
+    args = ["model", "info", *model_flags(bad, *towers)]
     result = cli("retrieval", *args)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
@@ -95,14 +87,7 @@ def test_index_build_and_info(tmp_path: Path, checkpoint: Path, towers: tuple[Pa
         Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(images / f"{i}.png")
     (images / "bad.jpg").write_text("not an image")
     (images / "0.txt").write_text("a dog on the street")
-    model = [
-        "--checkpoint",
-        str(checkpoint),
-        "--text-model",
-        str(towers[0]),
-        "--vision-model",
-        str(towers[1]),
-    ]
+    model = model_flags(checkpoint, *towers)
     out = tmp_path / "index"
     args = [str(images), "--out", str(out), *model, "--device", "cpu", "--workers", "1"]
 
@@ -130,14 +115,7 @@ def test_index_build_and_info(tmp_path: Path, checkpoint: Path, towers: tuple[Pa
 
 
 def test_index_build_errors_are_one_line(tmp_path: Path, checkpoint: Path, towers: tuple[Path, Path]) -> None:
-    model = [
-        "--checkpoint",
-        str(checkpoint),
-        "--text-model",
-        str(towers[0]),
-        "--vision-model",
-        str(towers[1]),
-    ]
+    model = model_flags(checkpoint, *towers)
     missing = cli("index", "build", str(tmp_path / "nope"), *model)
     assert missing.returncode == 2
     assert (

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from stores import model_flags
 from transformers import ViTImageProcessor
 
 from retrieval import BuildConfig, ModelSpec, build_index
@@ -297,14 +298,7 @@ def test_index_eval_agrees_with_model_eval_and_its_own_pairs(
 def test_cli_eval_table_json_and_report(
     catalog: Path, towers: tuple[Path, Path], checkpoint: Path, tmp_path: Path
 ) -> None:
-    model = [
-        "--checkpoint",
-        str(checkpoint),
-        "--text-model",
-        str(towers[0]),
-        "--vision-model",
-        str(towers[1]),
-    ]
+    model = model_flags(checkpoint, *towers)
     base = [
         str(Path(sys.executable).parent / "retrieval"),
         "eval",

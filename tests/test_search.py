@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet
 import pytest
 from corpus import GOOD, make_corpus
+from stores import model_flags
 
 from retrieval import (
     BuildConfig,
@@ -293,14 +294,7 @@ def test_embed_and_contact_sheet_cli(built: BuildConfig, tmp_path: Path) -> None
     from PIL import Image as PILImage
 
     retrieval = str(Path(sys.executable).parent / "retrieval")
-    model = [
-        "--checkpoint",
-        str(built.model.checkpoint),
-        "--text-model",
-        str(built.model.text_model),
-        "--vision-model",
-        str(built.model.vision_model),
-    ]
+    model = model_flags(built.model.checkpoint, built.model.text_model, built.model.vision_model)
     for suffix in ("npy", "parquet"):
         out = tmp_path / f"v.{suffix}"
         result = subprocess.run(
