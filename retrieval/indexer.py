@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from retrieval.durable import file_sha256
 from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import ConfigError, InputError
 from retrieval.imaging import DEFAULT_MAX_PIXELS
@@ -68,6 +69,7 @@ class BuildConfig:
     batch_size: int | None = None
     workers: int | None = None  # decode processes; default: all cores but one (at least two)
     rebuild: bool = False
+    replace_root: bool = False  # index ``images`` in place of the folder the index holds
     image_shard_rows: int = 4096
     caption_shard_rows: int = 16384
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -87,6 +89,8 @@ class CollectionReport:
     reused: int  # of those, how many took the vector of identical content already indexed
     deleted: int  # rows removed from search (inputs gone or changed)
     seconds: float
+    refreshed: int = 0  # rows kept with new file stats (touched, same content)
+    truncated: int = 0  # of the rows written, captions cut to the tokenizer's limit
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,16 @@ class _Row:
 
     fields: dict[str, Any]
     vector: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class _PlannedCaption:
+    """A caption to write: the record as read, its metadata as stored, its file's stats."""
+
+    record: CaptionRecord
+    metadata: str  # JSON, keys sorted
+    size: int
+    mtime_ns: int
 
 
 @dataclass
@@ -156,6 +170,8 @@ def build_index(
             raise ConfigError(f"{what} must be at least 1")
     started = time.perf_counter()
     with Store.open(config.out, write=True) as store:
+        if config.images is not None and not (config.rebuild or config.replace_root):
+            _check_root(store, config.out, config.images)
         own_encoder = encoder is None
         if encoder is None:
             encoder = Encoder.load(
@@ -281,6 +297,23 @@ class _Builder:
             places.extend((ref, int(i)) for i in np.flatnonzero(keep))
         return (pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})), places
 
+    def _reusable(self, collection: str) -> dict[str, tuple[FileRef, int]]:
+        """Where a vector of each content hash is stored, deleted rows included.
+
+        A deleted row's vector stays in its shard until the folder is rebuilt, so content that
+        comes back (a root switched back, a file restored) is not encoded again.
+        """
+        if collection not in self.manifest.collections:
+            return {}
+        deleted = self.store.deleted_ids(collection)
+        live: dict[str, tuple[FileRef, int]] = {}
+        gone: dict[str, tuple[FileRef, int]] = {}
+        for ref, table in self.store.iter_shards(collection, ["id", "sha256"]):
+            dead = np.isin(table.column("id").to_numpy(), deleted)
+            for row, (sha, is_dead) in enumerate(zip(table.column("sha256").to_pylist(), dead, strict=True)):
+                (gone if is_dead else live)[sha] = (ref, row)
+        return gone | live  # a live copy is preferred: its shard is the one being read anyway
+
     def _vector_at(self, place: tuple[FileRef, int], cache: dict[str, np.ndarray]) -> np.ndarray:
         ref, row = place
         if ref.file not in cache:
@@ -374,28 +407,28 @@ class _Builder:
 
         state = self._state("images")
         root_text = str(root.resolve())
-        live, places = self._live_rows("images", ["id", "path", "sha256", "size", "mtime_ns"])
+        live, _ = self._live_rows("images", ["id", "path", "sha256", "size", "mtime_ns"])
         stored_outcomes = self.store.outcomes("images")
         previous = {o.source: o for o in stored_outcomes if o.stage != "walk"}
-        current: dict[str, tuple[int, int, int]] = {}
-        if state.root == root_text:  # rows of another root are all stale
-            current = {
-                p: (i, s, m)
-                for i, p, s, m in zip(
-                    *(live.column(c).to_pylist() for c in ("id", "path", "size", "mtime_ns")), strict=True
-                )
-            }
-        reuse = {sha: places[k] for k, sha in enumerate(live.column("sha256").to_pylist())}
+        # build_index refused another root unless --replace-root: then the old root's rows all go.
+        replacing = state.root not in (None, root_text)
+        current: dict[str, tuple[int, str, int, int]] = {}
+        if not replacing:
+            columns = (live.column(c).to_pylist() for c in ("path", "id", "sha256", "size", "mtime_ns"))
+            current = {p: (i, h, s, m) for p, i, h, s, m in zip(*columns, strict=True)}
+        reuse = self._reusable("images")
 
         plan: list[ImageFile] = []
-        stale: list[int] = (
-            [int(i) for i in live.column("id").to_pylist()] if state.root not in (None, root_text) else []
-        )
+        stale: list[int] = [int(i) for i in live.column("id").to_pylist()] if replacing else []
+        restat: dict[int, tuple[int, int]] = {}  # id -> new (size, mtime_ns): touched, same content
         seen = set()
         for f in files:
             seen.add(f.path)
             row = current.get(f.path)
-            if row is not None and (row[1], row[2]) == (f.size, f.mtime_ns):
+            if row is not None and (row[2], row[3]) == (f.size, f.mtime_ns):
+                continue
+            if row is not None and row[2] == f.size and _same_content(root / f.path, row[1]):
+                restat[row[0]] = (f.size, f.mtime_ns)  # touched or copied over: keep the row and id
                 continue
             if row is not None:
                 stale.append(row[0])
@@ -411,10 +444,11 @@ class _Builder:
             for o in outcomes
             if o.stage == "walk" and o.reason.startswith("cannot list")
         )
-        stale.extend(
-            i for p, (i, _, _) in current.items() if p not in seen and not p.startswith(unlisted or ("\0",))
-        )
+        kept_away = unlisted or ("\0",)
+        stale.extend(i for p, (i, *_) in current.items() if p not in seen and not p.startswith(kept_away))
 
+        if restat:
+            self._restat("images", restat)
         if (
             stale
             or state.root != root_text
@@ -423,7 +457,10 @@ class _Builder:
         ):
             self.manifest = replace(
                 self.manifest,
-                collections={**self.manifest.collections, "images": replace(state, root=root_text)},
+                collections={
+                    **self.manifest.collections,
+                    "images": replace(self._state("images"), root=root_text),
+                },
             )
             self._delete("images", stale, outcomes)
 
@@ -435,8 +472,37 @@ class _Builder:
             reused,
             len(stale),
             time.perf_counter() - started,
+            refreshed=len(restat),
         )
         return report, sidecars
+
+    def _restat(self, collection: str, updates: dict[int, tuple[int, int]]) -> None:
+        """Record new (size, mtime_ns) for rows whose file was touched but not changed.
+
+        Each shard holding such a row is rewritten with the same ids and vectors (copy on write)
+        and swapped in by one commit; the old file goes with the next clean-up.
+        """
+        state = self._state(collection)
+        generation = self.manifest.generation + 1
+        wanted = np.fromiter(updates, dtype=np.int64)
+        shards = list(state.shards)
+        for position, ref in enumerate(shards):
+            table = self.store.read_table(ref)
+            ids = table.column("id").to_numpy()
+            hit = np.isin(ids, wanted)
+            if not hit.any():
+                continue
+            size = table.column("size").to_numpy().copy()
+            mtime = table.column("mtime_ns").to_numpy().copy()
+            for k in np.flatnonzero(hit):
+                size[k], mtime[k] = updates[int(ids[k])]
+            table = table.set_column(table.schema.get_field_index("size"), "size", pa.array(size, pa.int64()))
+            table = table.set_column(
+                table.schema.get_field_index("mtime_ns"), "mtime_ns", pa.array(mtime, pa.int64())
+            )
+            stem = _shard_stem(ref.file)
+            shards[position] = self.store.write_table(f"{stem}-r{generation:06d}.parquet", table)
+        self._commit(collection, replace(state, shards=tuple(shards)))
 
     def _encode_images(
         self,
@@ -533,22 +599,16 @@ class _Builder:
     def _captions(self, sidecars: list[SidecarFile]) -> CollectionReport:
         started = time.perf_counter()
         state = self._state("captions")
-        live, places = self._live_rows("captions", ["id", "source", "row", "sha256", "size", "mtime_ns"])
+        live, _ = self._live_rows("captions", ["id", "source", "row", "text", "image", "metadata"])
         old_outcomes = self.store.outcomes("captions")
-        # A sidecar is one row, committed whole: its row or outcome records the version indexed.
-        # A caption file spans shards: it is done only once ``state.sources`` lists it.
-        recorded: dict[str, tuple[int, int]] = {}
-        ids_of: dict[str, list[int]] = {}
-        rows_of: dict[str, set[int]] = {}
-        columns = ("id", "source", "row", "size", "mtime_ns")
-        for i, source, row, size, mtime in zip(*(live.column(c).to_pylist() for c in columns), strict=True):
-            recorded[source] = (size, mtime)
-            ids_of.setdefault(source, []).append(i)
-            rows_of.setdefault(source, set()).add(row)
-        for o in old_outcomes:
-            if o.size is not None and o.mtime_ns is not None:
-                recorded.setdefault(o.parent or o.source, (o.size, o.mtime_ns))
-        reuse = {sha: places[k] for k, sha in enumerate(live.column("sha256").to_pylist())}
+        # What each source's rows hold now: row number -> (id, what the row says).
+        rows_of: dict[str, dict[int, tuple[int, tuple[Any, ...]]]] = {}
+        columns = ("id", "source", "row", "text", "image", "metadata")
+        for i, source, row, text, image, metadata in zip(
+            *(live.column(c).to_pylist() for c in columns), strict=True
+        ):
+            rows_of.setdefault(source, {})[row] = (i, (text, image, metadata))
+        reuse = self._reusable("captions")
 
         images_root = Path(self.config.images) if self.config.images is not None else None
         sources: list[tuple[str, Path, str | None]] = (
@@ -557,51 +617,55 @@ class _Builder:
         files = {str(p.resolve()): p for p in self.config.captions}  # the same file given twice counts once
         sources += [(name, path, None) for name, path in files.items()]
         outcomes: list[Outcome] = []
-        plan: list[tuple[CaptionRecord, int, int]] = []
+        plan: list[_PlannedCaption] = []
         stale: list[int] = []
         present = set()
+        # A source is done when every row of the version seen is committed; until then a rerun
+        # keeps the rows that are already there and plans the rest.
         done = {k: v for k, v in state.sources.items() if k in {s for s, _, _ in sources}}
         pending: dict[str, tuple[int, list[int]]] = {}  # caption file -> (last plan position, stats)
         for source, path, image in sources:
             present.add(source)
+            existing = rows_of.get(source, {})
             try:
                 info = path.stat()
             except OSError as e:
                 outcomes.append(
                     Outcome(source, "failed", "read", f"cannot read: {e.strerror or e}", parent=source)
                 )
-                stale.extend(ids_of.get(source, []))
+                stale.extend(i for i, _ in existing.values())
                 done.pop(source, None)
                 continue
-            stats = (info.st_size, info.st_mtime_ns)
-            finished = recorded.get(source) == stats if image is not None else done.get(source) == list(stats)
-            if finished:
+            stats = [info.st_size, info.st_mtime_ns]
+            if done.get(source) == stats:
                 outcomes.extend(o for o in old_outcomes if (o.parent or o.source) == source)
                 continue
-            # The same version partly indexed (a build stopped inside this file): go on from there.
-            resuming = image is None and recorded.get(source) == stats
-            skip_rows = rows_of.get(source, set()) if resuming else set()
-            if not resuming:
-                stale.extend(ids_of.get(source, []))
             done.pop(source, None)
             records = (
-                [read_sidecar(path, source, image)] if image is not None else read_caption_file(path, source)
+                read_sidecar(path, source, image) if image is not None else read_caption_file(path, source)
             )
+            kept: set[int] = set()
             for record in records:
                 if isinstance(record, Outcome):
                     outcomes.append(replace(record, size=stats[0], mtime_ns=stats[1], parent=source))
-                elif record.row not in skip_rows:
-                    plan.append((record, *stats))
-            if image is None:
-                if plan and plan[-1][0].source == source:
-                    pending[source] = (len(plan) - 1, list(stats))
-                else:
-                    done[source] = list(stats)
+                    continue
+                metadata = json.dumps(record.metadata, sort_keys=True, ensure_ascii=False, default=str)
+                old = existing.get(record.row)
+                if old is not None and old[1] == (record.text, record.image, metadata):
+                    kept.add(record.row)  # the same row as indexed: it keeps its id
+                    continue
+                plan.append(_PlannedCaption(record, metadata, stats[0], stats[1]))
+            stale.extend(i for row, (i, _) in existing.items() if row not in kept)
+            if plan and plan[-1].record.source == source:
+                pending[source] = (len(plan) - 1, stats)
+            else:
+                done[source] = stats
         # A run without an image folder leaves sidecar captions alone; one without --captions
         # leaves caption files alone: their rows, outcomes and completion carry forward.
+        known = {*rows_of, *state.sources, *(o.parent or o.source for o in old_outcomes)}
         carried = {
             source
-            for source in {*ids_of, *recorded, *state.sources}
+            for source in known
             if source not in present
             and (
                 (images_root is None and not Path(source).is_absolute())
@@ -611,11 +675,11 @@ class _Builder:
         present |= carried
         outcomes.extend(o for o in old_outcomes if (o.parent or o.source) in carried)
         done.update({k: v for k, v in state.sources.items() if k in carried})
-        stale.extend(i for source, ids in ids_of.items() if source not in present for i in ids)
+        stale.extend(i for source, rows in rows_of.items() if source not in present for i, _ in rows.values())
 
         if stale or state.outcomes is None or set(outcomes) != set(old_outcomes) or done != state.sources:
             self._delete("captions", stale, outcomes, done)
-        encoded, reused = self._encode_captions(plan, reuse, outcomes, pending)
+        encoded, reused, truncated = self._encode_captions(plan, reuse, outcomes, pending)
         return _report(
             self._state("captions"),
             encoded + reused,
@@ -623,32 +687,41 @@ class _Builder:
             reused,
             len(stale),
             time.perf_counter() - started,
+            truncated=truncated,
         )
 
     def _encode_captions(
         self,
-        plan: list[tuple[CaptionRecord, int, int]],
+        plan: list[_PlannedCaption],
         reuse: dict[str, tuple[FileRef, int]],
         outcomes: list[Outcome],
         pending: dict[str, tuple[int, list[int]]],
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         if not plan:
-            return 0, 0
+            return 0, 0, 0
         size = self.config.caption_shard_rows
         base_id = self._state("captions").next_id
         cache: dict[str, np.ndarray] = {}
-        encoded = reused = 0
+        encoded = reused = truncated_rows = 0
+        # The bar moves every few model batches, not once a shard (16,384 captions by default).
+        step = self.encoder.text_batch_size * 4
         self.progress.start("captions", len(plan))
         for start in range(0, len(plan), size):
             chunk = plan[start : start + size]
             shard = _Shard(start, len(chunk))
-            texts = [record.text for record, _, _ in chunk]
+            texts = [p.record.text for p in chunk]
             hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
             todo = [k for k, h in enumerate(hashes) if h not in reuse]
             ids, truncated = self.encoder.text_batcher.tokenize_flagged(texts)  # flags for reused rows too
-            vectors = self.encoder.encode_text_ids([ids[k] for k in todo])
-            fresh = dict(zip(todo, vectors, strict=True))
-            for k, (record, size_, mtime) in enumerate(chunk):
+            self.progress.advance(len(chunk) - len(todo))
+            fresh: dict[int, np.ndarray] = {}
+            for offset in range(0, len(todo), step):
+                part = todo[offset : offset + step]
+                vectors = self.encoder.encode_text_ids([ids[k] for k in part])
+                fresh.update(zip(part, vectors, strict=True))
+                self.progress.advance(len(part))
+            for k, planned in enumerate(chunk):
+                record = planned.record
                 vector = fresh[k] if k in fresh else self._vector_at(reuse[hashes[k]], cache)
                 cut = bool(truncated[k])
                 shard.rows[start + k] = _Row(
@@ -658,29 +731,37 @@ class _Builder:
                         "row": record.row,
                         "image": record.image,
                         "sha256": hashes[k],
-                        "size": size_,
-                        "mtime_ns": mtime,
+                        "size": planned.size,
+                        "mtime_ns": planned.mtime_ns,
                         "flags": ["truncated"] if cut else [],
-                        "metadata": json.dumps(
-                            record.metadata, sort_keys=True, ensure_ascii=False, default=str
-                        ),
+                        "metadata": planned.metadata,
                     },
                     vector,
                 )
             encoded += len(todo)
             reused += len(chunk) - len(todo)
+            truncated_rows += int(np.count_nonzero(truncated))
             end = start + len(chunk)
             finished = {source: stats for source, (last, stats) in pending.items() if start <= last < end}
             self._write_shard("captions", shard, base_id, outcomes, _caption_table, finished)
-            self.progress.advance(len(chunk))
         self.progress.finish()
-        return encoded, reused
+        return encoded, reused, truncated_rows
 
 
 def _index_source(state: CollectionState) -> str:
-    """Which rows an index covers: the shards and the deletion file it was built from."""
-    names = [f.sha256 for f in state.shards] + [state.deleted.sha256 if state.deleted else ""]
+    """Which rows an index covers: its shards (by first id and rows) and the deletion file.
+
+    A shard rewritten only to refresh file stats (``_restat``) keeps its ids and vectors, so it
+    keeps its place in this key and the index is not rebuilt for it.
+    """
+    names = [f"{_shard_stem(f.file)}:{f.rows}" for f in state.shards]
+    names.append(state.deleted.sha256 if state.deleted else "")
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def _shard_stem(name: str) -> str:
+    """``images/shard-000000000004`` for that shard and for each rewrite of it (``-r<gen>``)."""
+    return name.removesuffix(".parquet").split("-r")[0]
 
 
 def _image_table(ids: list[int], rows: list[_Row], vectors: np.ndarray) -> pa.Table:
@@ -733,7 +814,15 @@ def _counts(state: CollectionState, outcomes: list[Outcome], added: int, deleted
 
 
 def _report(
-    state: CollectionState, added: int, encoded: int, reused: int, deleted: int, seconds: float
+    state: CollectionState,
+    added: int,
+    encoded: int,
+    reused: int,
+    deleted: int,
+    seconds: float,
+    *,
+    refreshed: int = 0,
+    truncated: int = 0,
 ) -> CollectionReport:
     counts = state.counts
     return CollectionReport(
@@ -745,4 +834,26 @@ def _report(
         reused=reused,
         deleted=deleted,
         seconds=seconds,
+        refreshed=refreshed,
+        truncated=truncated,
     )
+
+
+def _check_root(store: Store, out: Path, images: Path) -> None:
+    """Refuse to point an index at another image folder unless asked: a typo must not drop rows."""
+    state = store.state("images")
+    if state.root is None or state.counts.get("indexed", 0) == 0:
+        return
+    if state.root != str(images.resolve()):
+        raise InputError(
+            f"{out} holds the images of {state.root}, not {images}: give that folder, or pass "
+            f"--replace-root to index {images} in its place (identical files keep their vectors)"
+        )
+
+
+def _same_content(path: Path, sha256: str) -> bool:
+    """Whether ``path`` still hashes to ``sha256`` (unreadable counts as changed)."""
+    try:
+        return file_sha256(path) == sha256
+    except OSError:
+        return False

@@ -154,18 +154,30 @@ def _walk(
             yield SidecarFile(rel, stems[Path(name).stem], info.st_size, info.st_mtime_ns)
 
 
-def read_sidecar(path: Path, source: str, image: str) -> CaptionRecord | Outcome:
-    """An image's ``<stem>.txt``: the whole file, whitespace-normalized, is its caption."""
+def read_sidecar(path: Path, source: str, image: str) -> Iterator[CaptionRecord | Outcome]:
+    """An image's ``<stem>.txt``: one caption per non-empty line, each paired with the image.
+
+    COCO-style data keeps several captions per image (five, or one per language), one a line.
+    ``row`` is the line's number from 0, so blank lines between captions keep the others' rows.
+    A line that is not valid UTF-8 fails on its own; a file with no text is one skipped outcome.
+    """
     try:
-        text = _decode(path.read_bytes())
+        raw = path.read_bytes()
     except OSError as e:
-        return Outcome(source, "failed", "read", f"cannot read: {e.strerror or e}")
-    except UnicodeDecodeError as e:
-        return Outcome(source, "failed", "read", f"not valid UTF-8 (byte {e.start})")
-    text = " ".join(text.split())
-    if not text:
-        return Outcome(source, "skipped", "read", "empty caption")
-    return CaptionRecord(source, 0, text, image=image)
+        yield Outcome(source, "failed", "read", f"cannot read: {e.strerror or e}")
+        return
+    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    found = False
+    for index, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        found = True
+        if _has_bad_bytes(line):
+            yield Outcome(f"{source}#{index}", "failed", "read", "caption is not valid UTF-8")
+        else:
+            yield CaptionRecord(source, index, " ".join(line.split()), image=image)
+    if not found:
+        yield Outcome(source, "skipped", "read", "empty caption")
 
 
 def read_caption_file(path: Path, source: str | None = None) -> Iterator[CaptionRecord | Outcome]:
@@ -275,7 +287,3 @@ def _utf8(text: str) -> bool:
 
 def _has_bad_bytes(text: str) -> bool:
     return not _utf8(text)
-
-
-def _decode(data: bytes) -> str:
-    return data.decode("utf-8").removeprefix("\ufeff")

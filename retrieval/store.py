@@ -46,7 +46,7 @@ COLLECTIONS = ("images", "captions")
 MANIFEST = "manifest.json"
 # The only names a store writes in a collection folder: anything else there is not ours to delete.
 _OWN_FILE = re.compile(
-    r"(shard-\d+\.parquet|deleted-g\d+\.parquet|outcomes-g\d+\.jsonl|index-\w+-g\d+\.faiss)"
+    r"(shard-\d+(-r\d+)?\.parquet|deleted-g\d+\.parquet|outcomes-g\d+\.jsonl|index-\w+-g\d+\.faiss)"
 )
 _NORM_TOLERANCE = 1e-3
 

@@ -72,12 +72,14 @@ def test_verify_is_green_on_a_build_and_its_updates(
 ) -> None:
     build_index(config)
     (config.images / "pic.webp").unlink()  # a deletion list appears
-    (config.images / "scan.tiff").touch()  # a changed mtime: a new row (its vector reused), the old deleted
+    (config.images / "scan.tiff").touch()  # a changed mtime, same bytes: its shard is rewritten
+    (config.images / "pic.bmp").write_bytes((config.images / "clipart/flag.png").read_bytes())  # changed
     build_index(config)
     report = verify_index(config.out)
     assert report.ok, report.problems
     assert (report.collections["images"].live, report.collections["images"].index) == (len(GOOD) - 1, "flat")
     assert report.collections["images"].rows == len(GOOD) + 1  # deleted rows stay in their shards
+    assert any("-r0" in ref["file"] for ref in manifest(config.out)["collections"]["images"]["shards"])
     assert cli(["verify", str(config.out), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (

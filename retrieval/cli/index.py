@@ -54,6 +54,10 @@ def index_build(
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Start the index over (needed to change model).")
     ] = False,
+    replace_root: Annotated[
+        bool,
+        typer.Option("--replace-root", help="Index IMAGES_DIR in place of the image folder the index holds."),
+    ] = False,
     trust_checkpoint: TrustOpt = False,
     as_json: Json = False,
 ) -> None:
@@ -72,6 +76,7 @@ def index_build(
         batch_size=batch_size,
         workers=workers,
         rebuild=rebuild,
+        replace_root=replace_root,
         image_shard_rows=shard_rows,
         caption_shard_rows=4 * shard_rows,
         index=IndexConfig(
@@ -87,9 +92,17 @@ def index_build(
     parts = []
     for name, c in report.collections.items():
         rate = f", {c.encoded / c.seconds:.1f}/s encoded" if c.encoded and c.seconds > 0 else ""
+        notes = "".join(
+            f"; {count} {what}"
+            for count, what in (
+                (c.refreshed, "touched, kept"),
+                (c.truncated, "cut to the tokenizer's limit"),
+            )
+            if count
+        )
         parts.append(
             f"{name}: {c.indexed} indexed ({c.added} new: {c.encoded} encoded, {c.reused} reused; "
-            f"{c.deleted} removed), {c.skipped} skipped, {c.failed} failed{rate}"
+            f"{c.deleted} removed{notes}), {c.skipped} skipped, {c.failed} failed{rate}"
         )
     for name, record in report.indexes.items():
         tuned = f", {record.param}={record.value}" if record.param else ""
