@@ -1,10 +1,10 @@
 """The ``index`` console script: ``retrieval index`` as a command of its own."""
 
-from retrieval.cli import index_app, run
+from retrieval.cli import exit_promptly, index_app
 
 
 def main() -> None:
-    run(index_app)
+    exit_promptly(index_app)
 
 
 if __name__ == "__main__":

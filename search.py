@@ -1,10 +1,10 @@
 """The ``search`` console script: ``retrieval search`` as a command of its own."""
 
-from retrieval.cli import run, search_app
+from retrieval.cli import exit_promptly, search_app
 
 
 def main() -> None:
-    run(search_app)
+    exit_promptly(search_app)
 
 
 if __name__ == "__main__":

@@ -135,11 +135,14 @@ def _is_state_dict(obj: Mapping[Any, Any]) -> bool:
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path, *, trust_checkpoint: bool = False, sha256: str | None = None
+) -> Checkpoint:
     """Load a checkpoint in the seed's format (a bare ``state_dict`` file is accepted too).
 
     Raises ``CheckpointError`` with one readable sentence for a missing, empty, truncated, unsafe
-    or malformed file. The file's sha256 is computed here, once, for the model fingerprint.
+    or malformed file. The file's sha256 is computed here, once, for the model fingerprint, unless
+    the caller passes the hash it knows the unchanged file has.
     """
     path = Path(path)
     if not path.is_file():
@@ -147,7 +150,7 @@ def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> Chec
         raise CheckpointError(f"checkpoint {path} {what}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    sha256 = file_sha256(path)
+    sha256 = sha256 or file_sha256(path)
     obj = _read(path, trust_checkpoint)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")

@@ -54,14 +54,16 @@ class ModelSpec:
             object.__setattr__(self, name, Path(getattr(self, name)))
 
 
-def load_model(spec: ModelSpec) -> tuple[MultiModalEncoder, Checkpoint]:
+def load_model(spec: ModelSpec, checkpoint_sha256: str | None = None) -> tuple[MultiModalEncoder, Checkpoint]:
     """Build the towers from their folders and load the checkpoint into them, strictly.
 
-    The model is returned in eval mode, as the seed uses it for inference.
+    ``checkpoint_sha256`` skips hashing the file when the caller knows it is unchanged. The model
+    is returned in eval mode, as the seed uses it for inference.
     """
-    checkpoint = load_checkpoint(spec.checkpoint, trust_checkpoint=spec.trust_checkpoint)
-    model = MultiModalEncoder(bert_model_name=spec.text_model, vit_model_name=spec.vision_model)
-    model.load_state_dict(checkpoint.model_state_dict)
+    checkpoint = load_checkpoint(
+        spec.checkpoint, trust_checkpoint=spec.trust_checkpoint, sha256=checkpoint_sha256
+    )
+    model = MultiModalEncoder.from_state_dict(checkpoint.model_state_dict, spec.text_model, spec.vision_model)
     return model.eval(), checkpoint
 
 
@@ -87,6 +89,7 @@ class Encoder:
         self.text_batcher = TextBatcher.for_model(model)
         self.fingerprint = fingerprint
         self.source: CheckpointInfo | None = None
+        self.spec: ModelSpec | None = None  # where it was loaded from (Encoder.load)
         on_gpu = self.runtime.device.type == "cuda"
         self.text_batch_size = _positive(text_batch_size, 512 if on_gpu else 64, "text batch size")
         self.image_batch_size = _positive(image_batch_size, 256 if on_gpu else 16, "image batch size")
@@ -103,10 +106,15 @@ class Encoder:
         text_batch_size: int | None = None,
         image_batch_size: int | None = None,
         threads: int | None = None,
+        checkpoint_sha256: str | None = None,
     ) -> Encoder:
-        """Load ``spec`` (safely, strictly) onto a device and fingerprint it."""
+        """Load ``spec`` (safely, strictly) onto a device and fingerprint it.
+
+        ``checkpoint_sha256``: the checkpoint's known hash (an index that recorded the file's
+        stats passes it while they are unchanged), so a multi-GB file is not hashed again.
+        """
         runtime = resolve_runtime(device, precision)
-        model, checkpoint = load_model(spec)
+        model, checkpoint = load_model(spec, checkpoint_sha256)
         encoder = cls(
             model,
             runtime=runtime,
@@ -115,6 +123,7 @@ class Encoder:
             threads=threads,
         )
         encoder.source = checkpoint.info
+        encoder.spec = spec
         encoder.fingerprint = ModelFingerprint.compute(
             checkpoint_sha256=checkpoint.sha256,
             text_config=model.text_encoder.config,

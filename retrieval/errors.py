@@ -12,7 +12,9 @@ __all__ = [
     "InputError",
     "ModelError",
     "RetrievalError",
+    "RetrievalWarning",
     "StoreError",
+    "TruncationWarning",
 ]
 
 
@@ -42,3 +44,11 @@ class StoreError(RetrievalError):
 
 class IndexMismatchError(StoreError):
     """An index folder holds vectors of another model (a different fingerprint)."""
+
+
+class RetrievalWarning(UserWarning):
+    """Base class of the engine's warnings: the command line shows them as one ``warning:`` line."""
+
+
+class TruncationWarning(RetrievalWarning):
+    """A text was longer than the tokenizer's limit and only its beginning was used."""

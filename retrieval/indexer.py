@@ -30,6 +30,7 @@ from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import ConfigError, InputError
 from retrieval.imaging import DEFAULT_MAX_PIXELS
 from retrieval.index import IndexConfig, IndexRecord, build_collection_index, live_vectors
+from retrieval.location import model_record
 from retrieval.progress import Progress, Silent
 from retrieval.reader import DEFAULT_DECODE_TIMEOUT, default_workers, read_images
 from retrieval.sources import (
@@ -184,6 +185,8 @@ def build_index(
             builder = _Builder(store, encoder, config, progress or Silent())
             collections = builder.run()
             indexes = builder.build_indexes()
+            if store.manifest is not None and store.manifest.model != builder.manifest.model:
+                store.commit(replace(store.manifest, model=builder.manifest.model))  # the model moved
             store.collect_garbage()
         finally:
             if own_encoder:
@@ -204,16 +207,10 @@ class _Builder:
         self.fingerprint = encoder.fingerprint
         if not config.rebuild:
             store.check_model(self.fingerprint.digest)
-        spec = config.model
         self.manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             generation=store.manifest.generation if store.manifest else 0,
-            model={
-                "checkpoint": str(spec.checkpoint.resolve()),
-                "text_model": str(spec.text_model.resolve()),
-                "vision_model": str(spec.vision_model.resolve()),
-                "fingerprint": self.fingerprint.to_dict(),
-            },
+            model=model_record(encoder.spec or config.model, store.folder, self.fingerprint.to_dict()),
             collections=dict(store.manifest.collections) if store.manifest else {},
         )
         if config.rebuild and store.manifest is not None:

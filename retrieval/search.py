@@ -8,9 +8,12 @@ results carry. Scores are cosine similarities. ``allow_ids`` restricts a search 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
+import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +23,13 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from retrieval.encoder import Encoder, ImageInput, ModelSpec
-from retrieval.errors import ConfigError, IndexMismatchError, StoreError
+from retrieval.encoder import Encoder, ImageInput
+from retrieval.errors import ConfigError, IndexMismatchError, InputError, StoreError, TruncationWarning
 from retrieval.index import IndexRecord, SearchIndex, load_index
+from retrieval.location import ModelPaths, load_index_encoder, remember_model
 from retrieval.store import Manifest, Store
 
-__all__ = ["Hit", "Retriever", "Target", "parse_where"]
+__all__ = ["BUILT_IN_FIELDS", "Hit", "Retriever", "Target", "parse_where", "user_fields"]
 
 Target = Literal["images", "captions"]
 # FAISS switches exact search to BLAS only from this many queries (500 at d=256 by default);
@@ -33,7 +37,7 @@ Target = Literal["images", "captions"]
 _BLAS_THRESHOLD = 16
 _ROW_COLUMNS = {
     "images": ["id", "path", "sha256", "size", "width", "height", "flags"],
-    "captions": ["id", "text", "source", "row", "image", "flags", "metadata"],
+    "captions": ["id", "text", "source", "row", "image", "sha256", "flags", "metadata"],
 }
 
 
@@ -65,7 +69,13 @@ class Retriever:
     """Searches one index folder. Use ``Retriever.open(folder)``; close it (or use ``with``)."""
 
     def __init__(
-        self, store: Store, *, device: str = "auto", precision: str = "auto", encoder: Encoder | None = None
+        self,
+        store: Store,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        encoder: Encoder | None = None,
+        model: ModelPaths | None = None,
     ):
         if store.manifest is None:
             raise StoreError(f"{store.folder} has no committed state")
@@ -73,6 +83,7 @@ class Retriever:
         self.manifest: Manifest = store.manifest
         self.device = device
         self.precision = precision
+        self.model_paths = model or ModelPaths()
         self._encoder = encoder
         self._indexes: dict[str, SearchIndex] = {}
         self._rows: dict[str, _Rows] = {}
@@ -88,8 +99,11 @@ class Retriever:
         device: str = "auto",
         precision: str = "auto",
         encoder: Encoder | None = None,
+        model: ModelPaths | None = None,
     ) -> Retriever:
-        return cls(Store.open(folder), device=device, precision=precision, encoder=encoder)
+        """Open an index folder. Its model loads on first use from where the index recorded it;
+        ``model`` names files that moved (accepted when the fingerprint matches)."""
+        return cls(Store.open(folder), device=device, precision=precision, encoder=encoder, model=model)
 
     # -- resources (lazy) ------------------------------------------------------------------------
 
@@ -97,11 +111,13 @@ class Retriever:
     def encoder(self) -> Encoder:
         """The model the index was built with, loaded on first use."""
         if self._encoder is None:
-            model = self.manifest.model
-            spec = ModelSpec(
-                Path(model["checkpoint"]), Path(model["text_model"]), Path(model["vision_model"])
+            self._encoder = load_index_encoder(
+                self.store.folder,
+                self.manifest,
+                self.model_paths,
+                device=self.device,
+                precision=self.precision,
             )
-            self._encoder = Encoder.load(spec, device=self.device, precision=self.precision)
         fingerprint = self._encoder.fingerprint
         if fingerprint is None or fingerprint.digest != self.manifest.fingerprint:
             raise IndexMismatchError(
@@ -109,6 +125,12 @@ class Retriever:
                 "(checkpoint or tower folders changed since)"
             )
         return self._encoder
+
+    def remember_model(self) -> bool:
+        """Record where the loaded model is now, if ``model`` named new paths; see ``remember_model``."""
+        if not self.model_paths.given or self._encoder is None or self._encoder.spec is None:
+            return False
+        return remember_model(self.store.folder, self._encoder.spec)
 
     def index(self, target: Target) -> SearchIndex:
         if target not in self._indexes:
@@ -160,6 +182,29 @@ class Retriever:
         allow = None if allow_ids is None else np.asarray(allow_ids, dtype=np.int64)
         return self.index(_target(target)).search(vectors, k, allow)
 
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Search queries -> float32 (n, D): refused when empty, a warning when cut to the limit.
+
+        An empty or whitespace-only query raises ``InputError``; a query longer than the text
+        tower's limit is truncated as the model would, with a ``TruncationWarning``.
+        """
+        for number, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                where = "" if len(texts) == 1 else f" (query {number})"
+                raise InputError(f"empty query{where}: give some words to search for")
+        encoder = self.encoder
+        ids, cut = encoder.text_batcher.tokenize_flagged(list(texts))
+        for number in map(int, np.flatnonzero(cut)):
+            words = len(texts[number].split())
+            limit = encoder.text_batcher.max_length
+            warnings.warn(
+                f"query {_quote(texts[number])} ({words:,} words) is longer than the model's "
+                f"{limit} tokens: only its beginning is searched",
+                TruncationWarning,
+                stacklevel=3,
+            )
+        return encoder.encode_text_ids(ids)
+
     def search_texts(
         self,
         texts: Sequence[str],
@@ -167,7 +212,8 @@ class Retriever:
         target: Target = "images",
         allow_ids: Sequence[int] | np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        return self.search_vectors(self.encode_texts(texts), k, target, allow_ids)
+        """Queries (see ``encode_queries``) -> ids (n, k) int64 and scores (n, k) float32."""
+        return self.search_vectors(self.encode_queries(texts), k, target, allow_ids)
 
     def search_images(
         self,
@@ -184,9 +230,13 @@ class Retriever:
         k: int = 10,
         target: Target = "images",
         allow_ids: Sequence[int] | np.ndarray | None = None,
+        *,
+        fold_identical: bool = False,
     ) -> list[Hit]:
-        ids, scores = self.search_texts([text], k, target, allow_ids)
-        return self.hits(ids[0], scores[0], target)
+        """The top ``k`` as ``Hit``s. ``fold_identical``: files of identical content (and equal
+        captions) count once, as their best hit, the others listed in its ``identical``."""
+        vector = self.encode_queries([text])
+        return self.search_vector(vector[0], k, target, allow_ids, fold_identical=fold_identical)
 
     def search_image(
         self,
@@ -194,9 +244,38 @@ class Retriever:
         k: int = 10,
         target: Target = "captions",
         allow_ids: Sequence[int] | np.ndarray | None = None,
+        *,
+        fold_identical: bool = False,
     ) -> list[Hit]:
-        ids, scores = self.search_images([image], k, target, allow_ids)
-        return self.hits(ids[0], scores[0], target)
+        vector = self.encode_images([image])
+        return self.search_vector(vector[0], k, target, allow_ids, fold_identical=fold_identical)
+
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        k: int = 10,
+        target: Target = "images",
+        allow_ids: Sequence[int] | np.ndarray | None = None,
+        *,
+        fold_identical: bool = False,
+    ) -> list[Hit]:
+        """One query vector (D,) -> its top ``k`` ``Hit``s (see ``search_text``)."""
+        if not fold_identical:
+            ids, scores = self.search_vectors(vector, k, target, allow_ids)
+            return self.hits(ids[0], scores[0], target)
+        # Folding needs more candidates than k: fetch more until k distinct contents are found
+        # or the collection has no more.
+        fetch = 2 * k
+        while True:
+            ids, scores = self.search_vectors(vector, fetch, target, allow_ids)
+            hits = _fold(self.hits(ids[0], scores[0], target))
+            if len(hits) >= k or (ids[0] < 0).any() or fetch >= self.size(target):
+                return hits[:k]
+            fetch *= 4
+
+    def size(self, target: Target) -> int:
+        """How many rows ``target`` has in search."""
+        return len(self.rows(target).ids)
 
     def hits(self, ids: np.ndarray, scores: np.ndarray, target: Target) -> list[Hit]:
         """One row of a search result -> ``Hit``s with the rows' fields (padding dropped)."""
@@ -212,38 +291,37 @@ class Retriever:
                 path = str(Path(root) / record.pop("path")) if root else record.pop("path")
                 hits.append(Hit(rank, record_id, float(score), target, path=path, fields=record))
             else:
-                metadata = json.loads(record.pop("metadata") or "{}")
-                hits.append(
-                    Hit(
-                        rank,
-                        record_id,
-                        float(score),
-                        target,
-                        text=record.pop("text"),
-                        fields=record | metadata,
-                    )
-                )
+                metadata = user_fields(json.loads(record.pop("metadata") or "{}"))
+                text = record.pop("text")
+                hits.append(Hit(rank, record_id, float(score), target, text=text, fields=record | metadata))
         return hits
 
     def filter_ids(self, target: Target, where: Sequence[tuple[str, str, str]]) -> np.ndarray:
-        """Ids whose fields match every ``(field, op, value)``; op is ``=`` (equal) or ``~`` (glob)."""
+        """Ids whose fields match every ``(field, op, value)``; op is ``=`` (equal) or ``~`` (glob).
+
+        ``path`` matches the path as stored (relative to the image folder), as results print it
+        (absolute), or relative to the working folder, so a pasted path finds its file.
+        """
         rows = self.rows(target)
         records = rows.table.to_pylist()
         if target == "captions":
-            records = [r | json.loads(r.get("metadata") or "{}") for r in records]
+            records = [r | user_fields(json.loads(r.get("metadata") or "{}")) for r in records]
         known = set().union(*records) if records else set()
         for name, _, _ in where:
             if name not in known:
                 raise ConfigError(
                     f"--where: no field {name!r} in {target} (fields: {', '.join(sorted(known))})"
                 )
+        root = self.store.state("images").root
         keep = np.ones(len(records), dtype=bool)
         for i, record in enumerate(records):
             for name, op, value in where:
-                text = "" if record.get(name) is None else str(record[name])
-                if name not in record or not (
-                    text == value if op == "=" else fnmatch.fnmatchcase(text, value)
-                ):
+                texts = ["" if record.get(name) is None else str(record[name])]
+                if target == "images" and name == "path" and root:
+                    absolute = os.path.join(root, texts[0])
+                    texts += [absolute, os.path.relpath(absolute)]
+                matches = (t == value if op == "=" else fnmatch.fnmatchcase(t, value) for t in texts)
+                if name not in record or not any(matches):
                     keep[i] = False
                     break
         return rows.ids[keep]
@@ -260,6 +338,36 @@ class Retriever:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Fields every caption hit has; a caption file's own column of one of these names is shown (and
+# filtered) as ``meta.<name>`` instead, so it never hides the built-in value.
+BUILT_IN_FIELDS = frozenset(
+    {"rank", "id", "score", "collection", "path", "text", "source", "row", "image", "sha256", "size"}
+    | {"mtime_ns", "width", "height", "flags", "metadata", "identical"}
+)
+
+
+def user_fields(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A caption row's own columns, renamed ``meta.<name>`` where they collide with built-in fields."""
+    return {(f"meta.{k}" if k in BUILT_IN_FIELDS else k): v for k, v in metadata.items()}
+
+
+def _fold(hits: list[Hit]) -> list[Hit]:
+    """Hits of identical content (same sha256) as one, the best; the others in its ``identical``."""
+    groups: dict[str, list[Hit]] = {}
+    for hit in hits:
+        groups.setdefault(str(hit.fields.get("sha256", hit.id)), []).append(hit)
+    folded = []
+    for rank, (best, *rest) in enumerate(groups.values(), start=1):
+        same = [h.path if h.path is not None else h.id for h in rest]
+        fields = best.fields | ({"identical": same} if same else {})
+        folded.append(dataclasses.replace(best, rank=rank, fields=fields))
+    return folded
+
+
+def _quote(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
 
 
 def _target(target: str) -> Target:

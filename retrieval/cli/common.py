@@ -11,16 +11,41 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["Bar", "bars_wanted", "emit"]
+__all__ = ["Bar", "bars_wanted", "emit", "model_paths", "open_encoder"]
 
 
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+# Model flags default to None: the index's own model where a command has --index, otherwise the
+# defaults of ``ModelSpec`` (checkpoints/best_checkpoint.pt, models/bert-base-uncased,
+# models/vit-base-patch16-224), the one place they are written.
 CheckpointOpt = Annotated[
-    Path, typer.Option("--checkpoint", help="The seed-format checkpoint (.pt).", show_default=True)
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="The seed-format checkpoint (.pt) [default: the index's, else checkpoints/best_checkpoint.pt].",
+        show_default=False,
+    ),
 ]
-TextModelOpt = Annotated[Path, typer.Option("--text-model", help="Folder of the BERT tower and tokenizer.")]
+TextModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--text-model",
+        help="Folder of the BERT tower and tokenizer [default: the index's, else models/bert-base-uncased].",
+        show_default=False,
+    ),
+]
 VisionModelOpt = Annotated[
-    Path, typer.Option("--vision-model", help="Folder of the ViT tower and image processor.")
+    Path | None,
+    typer.Option(
+        "--vision-model",
+        help="Folder of the ViT tower and image processor [default: the index's, else "
+        "models/vit-base-patch16-224].",
+        show_default=False,
+    ),
+]
+ModelIndexOpt = Annotated[
+    Path | None,
+    typer.Option("--index", help="Use the model this index was built with (model flags override parts)."),
 ]
 TrustOpt = Annotated[
     bool,
@@ -31,6 +56,34 @@ TrustOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")]
+
+
+def model_paths(
+    checkpoint: Path | None, text_model: Path | None, vision_model: Path | None, trust: bool = False
+) -> Any:
+    """The model flags as the library's ``ModelPaths``."""
+    from retrieval.location import ModelPaths
+
+    return ModelPaths(checkpoint, text_model, vision_model, trust_checkpoint=trust)
+
+
+def open_encoder(index: Path | None, paths: Any, device: str, precision: str = "auto") -> Any:
+    """The model of ``index`` (flags override parts, and a moved model is remembered), or of the flags."""
+    from retrieval.encoder import Encoder
+    from retrieval.errors import StoreError
+    from retrieval.location import load_index_encoder, remember_model
+    from retrieval.store import Store
+
+    if index is None:
+        return Encoder.load(paths.over(), device=device, precision=precision)
+    with Store.open(index) as store:
+        manifest = store.manifest
+    if manifest is None:
+        raise StoreError(f"{index} has no committed state")
+    encoder = load_index_encoder(index, manifest, paths, device=device, precision=precision)
+    if paths.given and encoder.spec is not None:
+        remember_model(index, encoder.spec)
+    return encoder
 
 
 def emit(data: Any, as_json: bool, rows: Sequence[tuple[str, Any]]) -> None:

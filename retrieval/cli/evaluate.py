@@ -18,6 +18,7 @@ from retrieval.cli.common import (
     TrustOpt,
     VisionModelOpt,
     bars_wanted,
+    model_paths,
 )
 
 
@@ -45,9 +46,9 @@ def evaluate(
     report: Annotated[
         Path | None, typer.Option("--report", help="Also write FILE.md (with a PNG) or FILE.html.")
     ] = None,
-    checkpoint: CheckpointOpt = Path("checkpoints/best_checkpoint.pt"),
-    text_model: TextModelOpt = Path("models/bert-base-uncased"),
-    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    checkpoint: CheckpointOpt = None,
+    text_model: TextModelOpt = None,
+    vision_model: VisionModelOpt = None,
     trust_checkpoint: TrustOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -55,7 +56,6 @@ def evaluate(
     as_json: Json = False,
 ) -> None:
     """Recall@K both ways (exact and through each index), ranks, and zero-shot accuracy."""
-    from retrieval.encoder import ModelSpec
     from retrieval.errors import ConfigError
     from retrieval.evaluation import DEFAULT_TEMPLATES, EvalConfig
     from retrieval.evaluation import evaluate as run_evaluation
@@ -69,7 +69,7 @@ def evaluate(
         pairs=pairs,
         index=index,
         images_root=images_root,
-        model=ModelSpec(checkpoint, text_model, vision_model, trust_checkpoint=trust_checkpoint),
+        model=model_paths(checkpoint, text_model, vision_model, trust_checkpoint).over(),
         labels_column=labels_column,
         ks=ks,
         templates=tuple(template) if template else DEFAULT_TEMPLATES,

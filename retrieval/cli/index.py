@@ -18,6 +18,7 @@ from retrieval.cli.common import (
     TrustOpt,
     VisionModelOpt,
     bars_wanted,
+    model_paths,
 )
 
 
@@ -28,9 +29,9 @@ def index_build(
         typer.Option("--captions", help="Caption file (.txt/.csv/.tsv/.jsonl/.parquet); repeatable."),
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Index folder.")] = Path("indexes/default"),
-    checkpoint: CheckpointOpt = Path("checkpoints/best_checkpoint.pt"),
-    text_model: TextModelOpt = Path("models/bert-base-uncased"),
-    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    checkpoint: CheckpointOpt = None,
+    text_model: TextModelOpt = None,
+    vision_model: VisionModelOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per model batch.")] = None,
     workers: Annotated[
         int | None,
@@ -62,7 +63,6 @@ def index_build(
     as_json: Json = False,
 ) -> None:
     """Encode an image folder and caption files into the index folder (incremental, resumable)."""
-    from retrieval.encoder import ModelSpec
     from retrieval.index import IndexConfig
     from retrieval.indexer import BuildConfig, build_index
 
@@ -70,7 +70,7 @@ def index_build(
         out=out,
         images=images,
         captions=tuple(captions or ()),
-        model=ModelSpec(checkpoint, text_model, vision_model, trust_checkpoint=trust_checkpoint),
+        model=model_paths(checkpoint, text_model, vision_model, trust_checkpoint).over(),
         device=device,
         precision=precision,
         batch_size=batch_size,

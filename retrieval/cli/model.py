@@ -14,11 +14,14 @@ from retrieval.cli.common import (
     CheckpointOpt,
     DeviceOpt,
     Json,
+    ModelIndexOpt,
     PrecisionOpt,
     TextModelOpt,
     TrustOpt,
     VisionModelOpt,
     emit,
+    model_paths,
+    open_encoder,
 )
 
 
@@ -40,17 +43,16 @@ def version(as_json: Json = False) -> None:
 
 
 def model_info(
-    checkpoint: CheckpointOpt = Path("checkpoints/best_checkpoint.pt"),
-    text_model: TextModelOpt = Path("models/bert-base-uncased"),
-    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    index: ModelIndexOpt = None,
+    checkpoint: CheckpointOpt = None,
+    text_model: TextModelOpt = None,
+    vision_model: VisionModelOpt = None,
     trust_checkpoint: TrustOpt = False,
     as_json: Json = False,
 ) -> None:
     """Load a checkpoint into its towers (strictly) and describe it."""
-    from retrieval.encoder import Encoder, ModelSpec
-
-    spec = ModelSpec(checkpoint, text_model, vision_model, trust_checkpoint=trust_checkpoint)
-    with Encoder.load(spec, device="cpu") as encoder:
+    paths = model_paths(checkpoint, text_model, vision_model, trust_checkpoint)
+    with open_encoder(index, paths, "cpu") as encoder:
         description = describe(encoder)
     rows = [(k, v) for k, v in description.items() if not isinstance(v, dict)]
     rows.append(("fingerprint", description["fingerprint"]["digest"]))
@@ -90,23 +92,23 @@ def classify(
         str, typer.Option("--template", help="Prompt; {} is the label.")
     ] = "a photo of a {}.",
     top: Annotated[int, typer.Option("--top", help="Labels shown per image.")] = 5,
-    checkpoint: CheckpointOpt = Path("checkpoints/best_checkpoint.pt"),
-    text_model: TextModelOpt = Path("models/bert-base-uncased"),
-    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    index: ModelIndexOpt = None,
+    checkpoint: CheckpointOpt = None,
+    text_model: TextModelOpt = None,
+    vision_model: VisionModelOpt = None,
     trust_checkpoint: TrustOpt = False,
     device: DeviceOpt = "auto",
     as_json: Json = False,
 ) -> None:
     """Zero-shot classification: rank labels for each image, with softmax probabilities."""
-    from retrieval.encoder import Encoder, ModelSpec
     from retrieval.errors import ConfigError
     from retrieval.zeroshot import classify as zero_shot
 
     if (labels is None) == (labels_file is None):
         raise ConfigError("give --labels or --labels-file (one of them)")
     names = labels.split(",") if labels is not None else labels_file.read_text(encoding="utf-8").splitlines()  # type: ignore[union-attr]
-    spec = ModelSpec(checkpoint, text_model, vision_model, trust_checkpoint=trust_checkpoint)
-    with Encoder.load(spec, device=device) as encoder:
+    paths = model_paths(checkpoint, text_model, vision_model, trust_checkpoint)
+    with open_encoder(index, paths, device) as encoder:
         ranked = zero_shot(encoder, images, names, template)
     result = [
         {"image": str(path), "labels": [vars(s) for s in scores[:top]]}
@@ -127,9 +129,10 @@ def embed(
     out: Annotated[
         Path | None, typer.Option("--out", help="Write vectors to FILE.npy or FILE.parquet.")
     ] = None,
-    checkpoint: CheckpointOpt = Path("checkpoints/best_checkpoint.pt"),
-    text_model: TextModelOpt = Path("models/bert-base-uncased"),
-    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    index: ModelIndexOpt = None,
+    checkpoint: CheckpointOpt = None,
+    text_model: TextModelOpt = None,
+    vision_model: VisionModelOpt = None,
     trust_checkpoint: TrustOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -137,13 +140,12 @@ def embed(
 ) -> None:
     """Feature extraction: unit-norm vectors for texts or images, with the model's preprocessing."""
     from retrieval.embed import write_vectors
-    from retrieval.encoder import Encoder, ModelSpec
     from retrieval.errors import ConfigError
 
     if modality not in ("text", "image"):
         raise ConfigError(f"modality must be text or image, got {modality!r}")
-    spec = ModelSpec(checkpoint, text_model, vision_model, trust_checkpoint=trust_checkpoint)
-    with Encoder.load(spec, device=device, precision=precision) as encoder:
+    paths = model_paths(checkpoint, text_model, vision_model, trust_checkpoint)
+    with open_encoder(index, paths, device, precision) as encoder:
         vectors = encoder.encode_texts(inputs) if modality == "text" else encoder.encode_images(inputs)
         digest = encoder.fingerprint.digest if encoder.fingerprint else ""
     if out is not None:

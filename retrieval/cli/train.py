@@ -17,6 +17,7 @@ from retrieval.cli.common import (
     TrustOpt,
     VisionModelOpt,
     bars_wanted,
+    model_paths,
 )
 
 
@@ -31,8 +32,8 @@ def train(
     images_root: Annotated[
         Path | None, typer.Option("--images-root", help="Folder relative image paths start from.")
     ] = None,
-    text_model: TextModelOpt = Path("models/bert-base-uncased"),
-    vision_model: VisionModelOpt = Path("models/vit-base-patch16-224"),
+    text_model: TextModelOpt = None,
+    vision_model: VisionModelOpt = None,
     init: Annotated[
         Path | None, typer.Option("--init", help="Start from this checkpoint's weights (fresh optimizer).")
     ] = None,
@@ -95,11 +96,12 @@ def train(
 
     if schedule not in ("constant", "cosine"):
         raise ConfigError(f"--schedule must be constant or cosine, got {schedule!r}")
+    paths = model_paths(None, text_model, vision_model).over()
     config = TrainConfig(
         pairs=pairs,
         out=out,
-        text_model=text_model,
-        vision_model=vision_model,
+        text_model=paths.text_model,
+        vision_model=paths.vision_model,
         val_pairs=val_pairs,
         images_root=images_root,
         init=init,
