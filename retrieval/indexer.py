@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,15 @@ import torch
 
 from retrieval.durable import file_sha256
 from retrieval.encoder import Encoder, ModelSpec
-from retrieval.errors import ConfigError, InputError
+from retrieval.errors import BuildInterrupted, ConfigError, InputError, InputWarning
 from retrieval.imaging import DEFAULT_MAX_PIXELS
 from retrieval.index import IndexConfig, IndexRecord, build_collection_index, live_vectors
 from retrieval.location import model_record
 from retrieval.progress import Progress, Silent
-from retrieval.reader import DEFAULT_DECODE_TIMEOUT, default_workers, read_images
+from retrieval.reader import DEFAULT_DECODE_TIMEOUT, DecodedGroup, default_workers, read_images
 from retrieval.sources import (
     CAPTION_FORMATS,
+    IMAGE_EXTENSIONS,
     CaptionRecord,
     ImageFile,
     Outcome,
@@ -52,6 +55,8 @@ from retrieval.store import (
     check_vectors,
     embedding_array,
     embedding_matrix,
+    index_source,
+    shard_stem,
 )
 
 __all__ = ["BuildConfig", "BuildReport", "CollectionReport", "Progress", "build_index"]
@@ -101,12 +106,14 @@ class BuildReport:
     collections: dict[str, CollectionReport]
     seconds: float
     indexes: dict[str, IndexRecord] = field(default_factory=dict)  # the indexes (re)built by this run
+    interrupted: bool = False  # stopped early: what it encoded is committed, not yet searchable
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "out": str(self.out),
             "fingerprint": self.fingerprint,
             "seconds": round(self.seconds, 3),
+            "interrupted": self.interrupted,
             "collections": {
                 k: vars(v) | {"seconds": round(v.seconds, 3)} for k, v in self.collections.items()
             },
@@ -146,13 +153,31 @@ class _Shard:
     def complete(self) -> bool:
         return len(self.outcomes) + sum(r.vector is not None for r in self.rows.values()) == self.size
 
+    def finished_prefix(self) -> _Shard | None:
+        """The shard cut to its first items that are all done (encoded or failed); None if none are."""
+        end = self.start
+        while end < self.start + self.size and (
+            end in self.outcomes or (end in self.rows and self.rows[end].vector is not None)
+        ):
+            end += 1
+        if end == self.start:
+            return None
+        rows = {p: r for p, r in self.rows.items() if p < end}
+        return _Shard(self.start, end - self.start, rows, {p: o for p, o in self.outcomes.items() if p < end})
+
 
 def build_index(
-    config: BuildConfig, progress: Progress | None = None, encoder: Encoder | None = None
+    config: BuildConfig,
+    progress: Progress | None = None,
+    encoder: Encoder | None = None,
+    stop: threading.Event | None = None,
 ) -> BuildReport:
     """Encode ``config.images`` and ``config.captions`` into the store at ``config.out``.
 
     ``encoder`` may be passed in (already loaded); otherwise ``config.model`` is loaded.
+    ``stop``, once set (the command line sets it on Ctrl-C or SIGTERM), ends the build at the
+    next safe point: what is encoded by then is committed, FAISS indexes are not rebuilt, and
+    ``BuildInterrupted`` is raised with the report. Rerunning the build finishes the work.
     """
     if config.images is None and not config.captions:
         raise ConfigError("nothing to index: give an image folder, --captions files, or both")
@@ -182,22 +207,37 @@ def build_index(
                 image_batch_size=config.batch_size,
             )
         try:
-            builder = _Builder(store, encoder, config, progress or Silent())
+            builder = _Builder(store, encoder, config, progress or Silent(), stop)
             collections = builder.run()
-            indexes = builder.build_indexes()
+            indexes = {} if builder.stopping else builder.build_indexes()
             if store.manifest is not None and store.manifest.model != builder.manifest.model:
                 store.commit(replace(store.manifest, model=builder.manifest.model))  # the model moved
             store.collect_garbage()
         finally:
             if own_encoder:
                 encoder.close()
-        return BuildReport(
-            config.out, builder.fingerprint.digest, collections, time.perf_counter() - started, indexes
+        report = BuildReport(
+            config.out,
+            builder.fingerprint.digest,
+            collections,
+            time.perf_counter() - started,
+            indexes,
+            interrupted=builder.stopping,
         )
+    if report.interrupted:
+        raise BuildInterrupted(report)
+    return report
 
 
 class _Builder:
-    def __init__(self, store: Store, encoder: Encoder, config: BuildConfig, progress: Progress) -> None:
+    def __init__(
+        self,
+        store: Store,
+        encoder: Encoder,
+        config: BuildConfig,
+        progress: Progress,
+        stop: threading.Event | None = None,
+    ) -> None:
         if encoder.fingerprint is None:
             raise ConfigError("the encoder has no model fingerprint: load it with Encoder.load")
         self.store = store
@@ -219,14 +259,23 @@ class _Builder:
                 replace(self.manifest, generation=self.manifest.generation + 1, collections={})
             )
         self.dim = encoder.dim
+        self.stop = stop
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     # -- shared machinery ------------------------------------------------------------------------
 
     def run(self) -> dict[str, CollectionReport]:
         reports: dict[str, CollectionReport] = {}
         sidecars: list[SidecarFile] = []
+        if self.stopping:
+            return reports
         if self.config.images is not None:
             reports["images"], sidecars = self._images(self.config.images)
+        if self.stopping:
+            return reports
         if self.config.captions or sidecars or "captions" in self.manifest.collections:
             reports["captions"] = self._captions(sidecars)
         return reports
@@ -242,12 +291,12 @@ class _Builder:
                 if state.index:  # every row deleted: nothing left to search
                     self._commit(collection, replace(state, index=None))
                 continue
-            source = _index_source(state)
+            source = index_source(state)
             wanted = self.config.index.kind
             if (
                 state.index
                 and state.index.get("source") == source
-                and wanted in ("auto", state.index["kind"])
+                and wanted in ("auto", state.index["kind"], state.index.get("requested"))
             ):
                 continue
             other = "captions" if collection == "images" else "images"
@@ -401,6 +450,13 @@ class _Builder:
         files = [w for w in walked if isinstance(w, ImageFile)]
         sidecars = [w for w in walked if isinstance(w, SidecarFile)]
         outcomes = [w for w in walked if isinstance(w, Outcome)]
+        if not files:
+            kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+            warnings.warn(
+                f"no images in {root} (or its sub-folders) to index: looked for {kinds}",
+                InputWarning,
+                stacklevel=2,
+            )
 
         state = self._state("images")
         root_text = str(root.resolve())
@@ -497,7 +553,7 @@ class _Builder:
             table = table.set_column(
                 table.schema.get_field_index("mtime_ns"), "mtime_ns", pa.array(mtime, pa.int64())
             )
-            stem = _shard_stem(ref.file)
+            stem = shard_stem(ref.file)
             shards[position] = self.store.write_table(f"{stem}-r{generation:06d}.parquet", table)
         self._commit(collection, replace(state, shards=tuple(shards)))
 
@@ -556,7 +612,7 @@ class _Builder:
                 max_pixels=self.config.max_pixels,
                 decode_timeout=self.config.decode_timeout,
             )
-            for group in groups:
+            for group in _until_stopped(groups, self.stop):
                 for index, outcome in group.failures:
                     shards[index // size].outcomes[index] = outcome
                     self.progress.advance(1)
@@ -584,8 +640,15 @@ class _Builder:
                 if len(batch_rows) >= batch_size:
                     flush()
                 commit_ready()
-            flush()
-            commit_ready()
+            if self.stopping:
+                # Keep what is done: the finished start of the shard in flight is committed as a
+                # shorter shard, so the rerun plans the rest at the very same ids.
+                done = next_shard in shards and shards[next_shard].finished_prefix()
+                if done:
+                    self._write_shard("images", done, base_id, outcomes, _image_table)
+            else:
+                flush()
+                commit_ready()
         finally:
             torch.set_num_threads(threads)
         self.progress.finish()
@@ -713,10 +776,17 @@ class _Builder:
             self.progress.advance(len(chunk) - len(todo))
             fresh: dict[int, np.ndarray] = {}
             for offset in range(0, len(todo), step):
+                if self.stopping:
+                    break
                 part = todo[offset : offset + step]
                 vectors = self.encoder.encode_text_ids([ids[k] for k in part])
                 fresh.update(zip(part, vectors, strict=True))
                 self.progress.advance(len(part))
+            if self.stopping:
+                # The rows up to the first one not yet encoded are committed; the rerun does the rest.
+                waiting = set(todo) - set(fresh)
+                chunk = chunk[: min(waiting)] if waiting else chunk
+                shard = _Shard(start, len(chunk))
             for k, planned in enumerate(chunk):
                 record = planned.record
                 vector = fresh[k] if k in fresh else self._vector_at(reuse[hashes[k]], cache)
@@ -735,30 +805,17 @@ class _Builder:
                     },
                     vector,
                 )
-            encoded += len(todo)
-            reused += len(chunk) - len(todo)
-            truncated_rows += int(np.count_nonzero(truncated))
+            encoded += len(fresh)
+            reused += len(chunk) - len(fresh)
+            truncated_rows += int(np.count_nonzero(truncated[: len(chunk)]))
             end = start + len(chunk)
             finished = {source: stats for source, (last, stats) in pending.items() if start <= last < end}
-            self._write_shard("captions", shard, base_id, outcomes, _caption_table, finished)
+            if chunk:
+                self._write_shard("captions", shard, base_id, outcomes, _caption_table, finished)
+            if self.stopping:
+                break
         self.progress.finish()
         return encoded, reused, truncated_rows
-
-
-def _index_source(state: CollectionState) -> str:
-    """Which rows an index covers: its shards (by first id and rows) and the deletion file.
-
-    A shard rewritten only to refresh file stats (``_restat``) keeps its ids and vectors, so it
-    keeps its place in this key and the index is not rebuilt for it.
-    """
-    names = [f"{_shard_stem(f.file)}:{f.rows}" for f in state.shards]
-    names.append(state.deleted.sha256 if state.deleted else "")
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()
-
-
-def _shard_stem(name: str) -> str:
-    """``images/shard-000000000004`` for that shard and for each rewrite of it (``-r<gen>``)."""
-    return name.removesuffix(".parquet").split("-r")[0]
 
 
 def _image_table(ids: list[int], rows: list[_Row], vectors: np.ndarray) -> pa.Table:
@@ -834,6 +891,19 @@ def _report(
         refreshed=refreshed,
         truncated=truncated,
     )
+
+
+def _until_stopped(groups: Iterator[DecodedGroup], stop: threading.Event | None) -> Iterator[DecodedGroup]:
+    """``groups`` until ``stop`` is set. A worker that a terminal's Ctrl-C reached before it could
+    ignore it ends the decoding with an error: once stopping, that is simply the end."""
+    try:
+        for group in groups:
+            yield group
+            if stop is not None and stop.is_set():
+                return
+    except Exception:
+        if stop is None or not stop.is_set():
+            raise
 
 
 def _check_root(store: Store, out: Path, images: Path) -> None:

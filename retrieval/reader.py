@@ -199,6 +199,13 @@ def _keep(group: Any) -> Any:
     return group
 
 
+def _ignore_interrupts(worker: int) -> None:
+    """In a decoding worker: a terminal's Ctrl-C reaches the whole process group, but stopping is
+    the build's decision (it finishes the files in hand and commits), so workers carry on until
+    they are shut down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def read_images(
     root: Path,
     files: Sequence[ImageFile],
@@ -224,6 +231,12 @@ def read_images(
         return
     # Out of order by default: a group that takes long does not hold back the groups behind it.
     loader: DataLoader[DecodedGroup] = DataLoader(
-        dataset, batch_size=None, num_workers=workers, collate_fn=_keep, prefetch_factor=4, in_order=ordered
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_keep,
+        prefetch_factor=4,
+        in_order=ordered,
+        worker_init_fn=_ignore_interrupts,
     )
     yield from loader

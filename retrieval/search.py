@@ -24,10 +24,17 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval.encoder import Encoder, ImageInput
-from retrieval.errors import ConfigError, IndexMismatchError, InputError, StoreError, TruncationWarning
+from retrieval.errors import (
+    ConfigError,
+    IndexMismatchError,
+    InputError,
+    StaleIndexWarning,
+    StoreError,
+    TruncationWarning,
+)
 from retrieval.index import IndexRecord, SearchIndex, load_index
 from retrieval.location import ModelPaths, load_index_encoder, remember_model
-from retrieval.store import Manifest, Store
+from retrieval.store import Manifest, Store, index_source
 
 __all__ = ["BUILT_IN_FIELDS", "Hit", "Retriever", "Target", "parse_where", "user_fields"]
 
@@ -135,8 +142,27 @@ class Retriever:
     def index(self, target: Target) -> SearchIndex:
         if target not in self._indexes:
             state = self.store.state(target)
+            committed = self.store.committed.collections.get(target) if self.store.committed else None
+            waiting = committed.counts.get("indexed", 0) if committed else 0
             if state.index is None:
+                if waiting:
+                    raise StoreError(
+                        f"{self.store.folder}: {waiting} {target} committed, not yet searchable: "
+                        "rerun `index build` to finish"
+                    )
                 raise StoreError(f"{self.store.folder} has no {target} index (build it with `index build`)")
+            if (
+                committed is not None
+                and committed.index
+                and committed.index.get("source") != index_source(committed)
+            ):
+                warnings.warn(
+                    f"{self.store.folder}: {target} changed since its index was built (a build was "
+                    "stopped or is running); searching the last published version: rerun `index build` "
+                    "to finish",
+                    StaleIndexWarning,
+                    stacklevel=3,
+                )
             self._indexes[target] = load_index(self.store, IndexRecord.from_dict(state.index))
         return self._indexes[target]
 

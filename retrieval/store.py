@@ -334,6 +334,7 @@ class Store:
                 "next_id": state.next_id,
                 "root": state.root,
                 "index": state.index,
+                **_searchable(state),
                 "failures": [
                     {"source": o.source, "stage": o.stage, "reason": o.reason}
                     for o in outcomes
@@ -363,6 +364,22 @@ class Store:
             )
 
 
+def index_source(state: CollectionState) -> str:
+    """Which rows an index covers: its shards (by first id and rows) and the deletion file.
+
+    A shard rewritten only to refresh file stats (the indexer's ``_restat``) keeps its ids and vectors, so it
+    keeps its place in this key and the index is not rebuilt for it.
+    """
+    names = [f"{shard_stem(f.file)}:{f.rows}" for f in state.shards]
+    names.append(state.deleted.sha256 if state.deleted else "")
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def shard_stem(name: str) -> str:
+    """``images/shard-000000000004`` for that shard and for each rewrite of it (``-r<gen>``)."""
+    return name.removesuffix(".parquet").split("-r")[0]
+
+
 def check_vectors(vectors: np.ndarray, dim: int) -> None:
     """Refuse anything but finite unit-norm float32 rows of the store's dimension."""
     if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[1] != dim:
@@ -382,6 +399,16 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray
     """Arrow fixed_size_list<float32>[D] -> (n, D) float32."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def _searchable(state: CollectionState) -> dict[str, Any]:
+    """How much of a collection search sees: its index's rows, and whether rows await one."""
+    index = state.index
+    searchable = int(index["rows"]) if index else 0
+    behind = state.counts.get("indexed", 0) > 0 and (
+        index is None or index.get("source") != index_source(state)
+    )
+    return {"searchable": searchable, "awaiting_index": behind}
 
 
 def _read_manifest(folder: Path) -> Manifest | None:

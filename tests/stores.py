@@ -43,7 +43,9 @@ def live(folder: Path, collection: str) -> pa.Table:
 def canonical(folder: Path) -> dict[str, list[tuple]]:
     """(id, source, sha256) of every live row, per collection."""
     out = {}
-    for collection in ("images", "captions"):
+    with Store.open(folder) as store:
+        present = [c for c in ("images", "captions") if store.state(c).shards]
+    for collection in present:
         rows = live(folder, collection)
         key = "path" if collection == "images" else "text"
         out[collection] = list(

@@ -125,3 +125,17 @@ def test_index_build_errors_are_one_line(tmp_path: Path, checkpoint: Path, tower
     assert nothing.returncode == 2 and "nothing to index" in nothing.stderr
     info = cli("index", "info", str(tmp_path))
     assert info.returncode == 2 and "not an index folder" in info.stderr
+
+
+def test_commands_without_a_model_import_neither_torch_nor_transformers(tmp_path: Path) -> None:
+    # `index info` (and `--help`) must not pay seconds of imports for a model they never load.
+    code = (
+        "import sys; sys.argv = ['index', 'info', sys.argv[1]]\n"
+        "from retrieval.cli import index_app, run\n"
+        "try:\n    run(index_app)\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from stores import live, model_flags
+from stores import canonical, live, model_flags
+
+from retrieval import InputError, Retriever
+from retrieval.errors import TruncationWarning
 
 BIN = Path(sys.executable).parent
 
@@ -135,3 +140,322 @@ def test_a_touched_file_keeps_its_row_and_id(tmp_path: Path, model: list[str]) -
 
     again = build(images, out, model, "--json")
     assert report(again)["images"]["added"] == 0 and report(again)["images"]["refreshed"] == 0
+
+
+# -- stopping a build ----------------------------------------------------------------------------
+
+SLOW_INDEX = """
+import sys, time
+import retrieval.reader as reader
+decode = reader.decode_file
+reader.decode_file = lambda *a, **k: (time.sleep(0.05), decode(*a, **k))[1]
+sys.argv[0] = "index"
+from retrieval.cli import exit_promptly, index_app
+exit_promptly(index_app)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_build_says_what_it_committed(
+    tmp_path: Path, model: list[str], signum: signal.Signals
+) -> None:
+    images = pictures(tmp_path / "images", [f"{i:02d}.png" for i in range(60)])
+    out = tmp_path / "index"
+    args = [str(images), "--out", str(out), *model, "--shard-rows", "4"]
+    # A slowed decoder, and the signal to the whole process group, as a terminal's Ctrl-C does.
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_INDEX, "build", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not _has_shards(out) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted: {out}: images ") and "committed, not yet searchable" in last
+    assert f"rerun `index build {images}" in last and last.endswith("to finish")
+    committed = json.loads((out / "manifest.json").read_text())["collections"]["images"]["counts"]["indexed"]
+    assert 0 < committed < 60
+    assert f"images {committed} indexed ({committed} new this run)" in last
+    if signum == signal.SIGTERM:
+        return  # the same story from here on
+
+    # index info and search tell the same story.
+    info = cli("index", "info", str(out))
+    assert f"images    {committed} indexed" in info.stdout
+    assert "committed, not yet searchable: rerun `index build` to finish" in info.stdout
+    search = cli("search", "text", "a dog", "--index", str(out))
+    assert search.returncode == 2
+    assert search.stderr.strip() == (
+        f"error: {out}: {committed} images committed, not yet searchable: rerun `index build` to finish"
+    )
+
+    # The rerun finishes with the rows and ids of a build that was never stopped.
+    finished = report(build(images, out, model, "--shard-rows", "4", "--json"))["images"]
+    assert (finished["indexed"], finished["added"]) == (60, 60 - committed)
+    clean = tmp_path / "clean"
+    report(build(images, clean, model, "--shard-rows", "4", "--json"))
+    assert canonical(out) == canonical(clean)
+    assert cli("search", "text", "a dog", "--index", str(out)).returncode == 0
+
+
+def _has_shards(out: Path) -> bool:
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(manifest["collections"].get("images", {}).get("shards"))
+
+
+def test_the_caption_bar_moves_during_the_caption_phase(tmp_path: Path, model: list[str]) -> None:
+    captions = tmp_path / "captions.txt"
+    captions.write_text("".join(f"a red car on the street number {i}\n" for i in range(600)))
+    env = os.environ | {"RETRIEVAL_PROGRESS": "1", "TQDM_MININTERVAL": "0"}  # every update drawn
+    result = subprocess.run(
+        [str(BIN / "index"), "build", "--captions", str(captions), "--out", str(tmp_path / "i"), *model],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    states = [part for part in result.stderr.replace("\r", "\n").splitlines() if "encoding captions" in part]
+    shown = {int(s.split("%")[0].split()[-1]) for s in states if "%" in s}
+    # 600 captions in one shard of 16,384: the bar is drawn between 0 and 100%, not only at the ends.
+    assert {0, 100} <= shown and shown - {0, 100}, states
+
+
+# -- queries, paths and fields -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, towers: tuple[Path, Path]) -> Path:
+    """An index of a few images in two folders, and captions whose file has a ``source`` column."""
+    root = tmp_path_factory.mktemp("catalog")
+    images = pictures(root / "images", ["flag/a.png", "flag/b.png", "animal/c.png", "animal/d.png"])
+    captions = root / "captions.csv"
+    captions.write_text("caption,source,lang\na red flag,museum,en\na dog,street,en\nun chien,street,fr\n")
+    out = root / "catalog"
+    flags = [*model_flags(checkpoint, *towers), "--device", "cpu", "--workers", "1"]
+    assert build(images, out, flags, "--captions", str(captions)).returncode == 0
+    return out
+
+
+def test_empty_and_overlong_queries(catalog: Path) -> None:
+    result = cli("search", "text", "   ", "--index", str(catalog))
+    assert result.returncode == 2
+    assert result.stderr == "error: empty query: give some words to search for\n"
+    with Retriever.open(catalog, device="cpu") as retriever:
+        for query in ("", "\t\n"):
+            with pytest.raises(InputError, match="empty query"):
+                retriever.search_text(query)
+        with pytest.raises(InputError, match=r"empty query \(query 1\)"):
+            retriever.search_texts(["a dog", " "])
+        with pytest.warns(TruncationWarning, match="longer than the model's 64 tokens"):
+            assert len(retriever.search_text("dog " * 500, k=2)) == 2
+    long = cli("search", "text", " ".join(["dog"] * 10_000), "--index", str(catalog), "--json")
+    assert long.returncode == 0, long.stderr
+    assert len(json.loads(long.stdout)) == 4
+    assert long.stderr.count("\n") == 1 and long.stderr.startswith("warning: query 'dog dog")
+    assert "(10,000 words) is longer than the model's 64 tokens" in long.stderr
+
+
+def test_where_path_takes_the_printed_path(catalog: Path) -> None:
+    root = catalog.parent
+    table = cli("search", "text", "a flag", "--index", str(catalog), cwd=root)
+    printed = sorted(line.split()[-1] for line in table.stdout.splitlines())
+    assert printed == ["images/animal/c.png", "images/animal/d.png", "images/flag/a.png", "images/flag/b.png"]
+    # The printed form, pasted back, selects what it names.
+    pasted = cli(
+        "search",
+        "text",
+        "a flag",
+        "--index",
+        str(catalog),
+        "--where",
+        "path~images/flag/*",
+        "--json",
+        cwd=root,
+    )
+    assert sorted(Path(h["path"]).name for h in json.loads(pasted.stdout)) == ["a.png", "b.png"]
+    absolute = str(root / "images/flag/a.png")
+    exact = cli("search", "text", "a flag", "--index", str(catalog), "--where", f"path={absolute}", "--json")
+    assert [h["path"] for h in json.loads(exact.stdout)] == [absolute]
+    with Retriever.open(catalog) as retriever:
+        for pattern in ("flag/*", f"{root}/images/flag/*", "*/flag/*"):
+            ids = retriever.filter_ids("images", [("path", "~", pattern)])
+            assert len(ids) == 2, pattern
+
+
+def test_a_caption_column_never_hides_a_built_in_field(catalog: Path) -> None:
+    result = cli("search", "text", "a dog", "--index", str(catalog), "--target", "captions", "--json")
+    assert result.returncode == 0, result.stderr
+    hits = {h["text"]: h for h in json.loads(result.stdout)}
+    assert hits["a dog"]["source"] == str((catalog.parent / "captions.csv").resolve())  # its file
+    assert hits["a dog"]["meta.source"] == "street" and hits["a dog"]["lang"] == "en"
+    where = ["--where", "meta.source=street", "--target", "captions", "--json"]
+    street = cli("search", "text", "a dog", "--index", str(catalog), *where)
+    assert sorted(h["text"] for h in json.loads(street.stdout)) == ["a dog", "un chien"]
+
+
+# -- the index's model ---------------------------------------------------------------------------
+
+
+def test_commands_take_the_model_from_the_index_and_follow_it_when_it_moves(
+    tmp_path: Path, checkpoint: Path, towers: tuple[Path, Path]
+) -> None:
+    import shutil
+
+    home = tmp_path / "models"
+    shutil.copy(checkpoint, tmp_path / "model.pt")
+    shutil.copytree(towers[0], home / "text")
+    shutil.copytree(towers[1], home / "vision")
+    flags = model_flags(tmp_path / "model.pt", home / "text", home / "vision")
+    images = pictures(tmp_path / "images", ["a.png", "b.png"])
+    out = tmp_path / "index"
+    assert cli("index", "build", str(images), "--out", str(out), *flags, "--workers", "1").returncode == 0
+
+    # No model flags needed: the index names its model.
+    info = cli("retrieval", "model", "info", "--index", str(out), "--json")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["global_step"] == 10000
+    label = cli("retrieval", "classify", str(images / "a.png"), "--labels", "dog,cat", "--index", str(out))
+    assert label.returncode == 0 and "dog" in label.stdout
+    embedded = cli("retrieval", "embed", "text", "a dog", "--index", str(out), "--json")
+    assert embedded.returncode == 0 and len(json.loads(embedded.stdout)[0]["embedding"]) == 16
+
+    # The checkpoint moves: the error names it and the flag that fixes it.
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "model.pt").rename(tmp_path / "moved" / "model.pt")
+    lost = cli("search", "text", "a dog", "--index", str(out))
+    assert lost.returncode == 2 and lost.stderr.count("\n") == 1
+    assert str(tmp_path / "model.pt") in lost.stderr and "pass --checkpoint" in lost.stderr
+    # Another checkpoint is refused; the moved one is accepted once and then remembered.
+    other = cli(
+        "search",
+        "text",
+        "a dog",
+        "--index",
+        str(out),
+        "--checkpoint",
+        str(_other_checkpoint(tmp_path, towers)),
+    )
+    assert other.returncode == 2 and "another model" in other.stderr
+    found = cli(
+        "search", "text", "a dog", "--index", str(out), "--checkpoint", str(tmp_path / "moved/model.pt")
+    )
+    assert found.returncode == 0, found.stderr
+    assert cli("search", "text", "a dog", "--index", str(out)).returncode == 0
+
+    # Moving the project as a whole keeps working: the paths are recorded relative to the index.
+    shutil.move(str(tmp_path), str(tmp_path.parent / (tmp_path.name + "-elsewhere")))
+    moved = tmp_path.parent / (tmp_path.name + "-elsewhere")
+    try:
+        again = cli("search", "text", "a dog", "--index", str(moved / "index"))
+        assert again.returncode == 0, again.stderr
+        manifest = json.loads((moved / "index" / "manifest.json").read_text())
+        assert manifest["model"]["checkpoint"] == "../moved/model.pt"
+    finally:
+        shutil.move(str(moved), str(tmp_path))
+
+
+def _other_checkpoint(tmp_path: Path, towers: tuple[Path, Path]) -> Path:
+    import torch
+    from conftest import seed_checkpoint
+
+    from retrieval import MultiModalEncoder
+
+    torch.manual_seed(123)
+    return seed_checkpoint(MultiModalEncoder(*towers, embed_dim=16), tmp_path / "other.pt")
+
+
+def test_an_unchanged_rerun_with_new_model_paths_records_them(
+    tmp_path: Path, checkpoint: Path, towers: tuple[Path, Path]
+) -> None:
+    import shutil
+
+    images = pictures(tmp_path / "images", ["a.png"])
+    out = tmp_path / "index"
+    common = [str(images), "--out", str(out), "--workers", "1"]
+    assert cli("index", "build", *common, *model_flags(checkpoint, *towers)).returncode == 0
+    shutil.copy(checkpoint, tmp_path / "copy.pt")
+    result = cli("index", "build", *common, *model_flags(tmp_path / "copy.pt", *towers))
+    assert result.returncode == 0 and "0 new" in result.stdout
+    assert json.loads((out / "manifest.json").read_text())["model"]["checkpoint"] == "../copy.pt"
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+def test_a_text_file_as_checkpoint_gets_no_advice_to_unpickle(
+    tmp_path: Path, towers: tuple[Path, Path]
+) -> None:
+    cases = (
+        ("notes.pt", b"some notes, not a checkpoint\n", "(it looks like a text file)"),
+        ("noise.pt", bytes(range(256)) * 4, "(truncated, damaged or another format)"),
+    )
+    for name, data, why in cases:
+        (tmp_path / name).write_bytes(data)
+        result = cli("retrieval", "model", "info", *model_flags(tmp_path / name, *towers))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"{tmp_path / name} is not a readable PyTorch checkpoint {why}" in result.stderr
+        assert "weights_only" not in result.stderr
+
+
+def test_a_folder_without_images_is_a_warning(tmp_path: Path, model: list[str]) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.md").write_text("no pictures here")
+    result = build(tmp_path / "empty", tmp_path / "index", model)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"warning: no images in {tmp_path / 'empty'} (or its sub-folders)")
+
+
+def test_caption_results_draw_as_a_text_sheet_with_labels(catalog: Path, tmp_path: Path) -> None:
+    from PIL import Image as PILImage
+
+    sheet = tmp_path / "captions.png"
+    args = ["--index", str(catalog), "--target", "captions", "--grid", str(sheet)]
+    result = cli("search", "text", "a dog", *args)
+    assert result.returncode == 0, result.stderr
+    assert f"contact sheet: {sheet}" in result.stdout
+    assert PILImage.open(sheet).size == (3 * 192, 18 + 192 + 30)
+
+
+def test_tiles_are_labelled_with_rank_score_and_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import retrieval.sheet
+    from retrieval.cli.search import _draw
+    from retrieval.search import Hit
+
+    drawn: list = []
+    monkeypatch.setattr(retrieval.sheet, "contact_sheet", lambda tiles, out, title: drawn.extend(tiles))
+    hits = [
+        Hit(1, 7, 0.5, "images", path="/data/flag/a.png"),
+        Hit(2, 9, 0.25, "captions", text="a dog", fields={"image": "animal/d.png"}),
+    ]
+    _draw(hits, tmp_path / "x.png", "t")
+    assert [(t.label, t.image, t.text) for t in drawn] == [
+        ("#1 0.500 a.png", "/data/flag/a.png", None),
+        ("#2 0.250 d.png", None, "a dog"),
+    ]
+
+
+def test_ivfpq_on_a_small_collection_is_sized_and_quiet(tmp_path: Path, model: list[str]) -> None:
+    captions = tmp_path / "c.txt"
+    captions.write_text("".join(f"a dog number {i}\n" for i in range(300)))
+    result = build(None, tmp_path / "i", model, "--captions", str(captions), "--index-type", "ivfpq")
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr and result.stderr == ""
+    assert (
+        "captions index flat (ivfpq needs at least 624 vectors to train its quantizers, 300 here)"
+        in result.stdout
+    )
+    bigger = tmp_path / "d.txt"
+    bigger.write_text("".join(f"a red car {i} on the street with a dog\n" for i in range(2000)))
+    result = build(None, tmp_path / "j", model, "--captions", str(bigger), "--index-type", "ivfpq")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "captions index ivfpq" in result.stdout

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from stores import build_args, canonical, live
 
 from retrieval import Encoder, IndexMismatchError, ModelSpec, MultiModalEncoder, StoreError, durable
 from retrieval.durable import CRASH_ENV
+from retrieval.errors import BuildInterrupted
 from retrieval.indexer import BuildConfig, build_index
 from retrieval.store import Store, embedding_matrix
 from retrieval.verify import verify_index
@@ -339,3 +341,51 @@ def test_a_folder_that_cannot_be_listed_keeps_its_rows(
     monkeypatch.setattr("retrieval.sources.os.listdir", real_listdir)
     again = build_index(config).collections["images"]
     assert (again.encoded, again.deleted, again.indexed) == (0, 0, len(GOOD))
+
+
+class _StopAfter:
+    """A progress that asks the build to stop once ``stage`` has advanced ``n`` items."""
+
+    def __init__(self, stop: threading.Event, stage: str, n: int) -> None:
+        self.stop, self.stage, self.n = stop, stage, n
+        self.current, self.done = "", 0
+
+    def start(self, stage: str, total: int) -> None:
+        self.current, self.done = stage, 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.current == self.stage and self.done >= self.n:
+            self.stop.set()
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("stage", "after"), [("images", 2), ("captions", 5)])
+def test_a_stop_commits_the_work_done_and_the_rerun_matches(
+    tmp_path: Path, config: BuildConfig, stage: str, after: int
+) -> None:
+    captions = tmp_path / "many.txt"
+    captions.write_text("".join(f"a dog number {i}\n" for i in range(40)))
+    more = {"captions": (*config.captions, captions), "caption_shard_rows": 16, "batch_size": 2}
+    config = BuildConfig(**{**vars(config), **more})
+    clean = BuildConfig(**{**vars(config), "out": tmp_path / "clean"})
+    total = build_index(clean).collections[stage].indexed
+
+    stop = threading.Event()
+    with pytest.raises(BuildInterrupted) as stopped:
+        build_index(config, progress=_StopAfter(stop, stage, after), stop=stop)
+    report = stopped.value.report
+    assert report.interrupted and report.indexes == {}
+    with Store.open(config.out) as store:
+        state = store.committed.collections[stage]
+        assert state.index is None  # nothing is searchable before the rerun
+        committed = state.counts["indexed"]
+    assert 0 < committed < total  # the work done by the stop, not more, not less
+    assert report.collections[stage].added == report.collections[stage].indexed == committed
+    assert verify_index(config.out).ok
+
+    again = build_index(config)
+    assert not again.interrupted
+    assert canonical(config.out) == canonical(clean.out)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -63,6 +69,7 @@ def index_build(
     as_json: Json = False,
 ) -> None:
     """Encode an image folder and caption files into the index folder (incremental, resumable)."""
+    from retrieval.errors import BuildInterrupted
     from retrieval.index import IndexConfig
     from retrieval.indexer import BuildConfig, build_index
 
@@ -85,7 +92,11 @@ def index_build(
             memory_budget=int(memory_budget * 1e9) if memory_budget else None,
         ),
     )
-    report = build_index(config, progress=Bar(enabled=bars_wanted(as_json)))
+    with stop_on_signals() as (stop, received):
+        try:
+            report = build_index(config, progress=Bar(enabled=bars_wanted(as_json)), stop=stop)
+        except BuildInterrupted as e:
+            _stopped(e.report, as_json, received[0] if received else signal.SIGINT)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -106,11 +117,47 @@ def index_build(
         )
     for name, record in report.indexes.items():
         tuned = f", {record.param}={record.value}" if record.param else ""
+        why = f" ({record.reason})" if record.reason and record.requested != "auto" else ""
         parts.append(
-            f"{name} index {record.kind}{tuned}: recall@10 {record.recall_at_10:.3f} vs exact "
+            f"{name} index {record.kind}{tuned}{why}: recall@10 {record.recall_at_10:.3f} vs exact "
             f"({record.queries} queries), {record.latency_ms:.2f} ms/query"
         )
     typer.echo(f"{out}: " + "; ".join(parts) + f" in {report.seconds:.1f} s")
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
+    """Ctrl-C or SIGTERM sets the event (the build stops at its next safe point); a second one
+    stops at once. The previous handlers come back afterwards."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.set()
+        typer.echo("stopping after the work in hand (Ctrl-C again to stop at once) ...", err=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop, received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stopped(report: Any, as_json: bool, signum: int) -> NoReturn:
+    """What an interrupted build committed and how to finish it; exit 130 (SIGINT) or 143 (SIGTERM)."""
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    counts = ", ".join(
+        f"{name} {c.indexed} indexed ({c.added} new this run)" for name, c in report.collections.items()
+    )
+    again = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    state = f"{counts} committed, not yet searchable" if counts else "nothing new committed"
+    typer.echo(f"interrupted: {report.out}: {state}: rerun `{again}` to finish", err=True)
+    raise SystemExit(128 + signum)
 
 
 def index_info(
@@ -132,11 +179,15 @@ def index_info(
             f"  {name:<9} {c['indexed']} indexed, {c['skipped']} skipped, {c['failed']} failed "
             f"({c['shards']} shards, {c['deleted']} deleted rows)"
         )
+        if c["awaiting_index"]:
+            searchable = f"{c['searchable']} searchable" if c["index"] else "not yet searchable"
+            typer.echo(f"    committed, {searchable}: rerun `index build` to finish")
         if c["index"]:
             index = c["index"]
             tuned = f" {index['param']}={index['value']}" if index["param"] else ""
+            why = f" ({index['reason']})" if index.get("reason") else ""
             typer.echo(
-                f"    index {index['kind']}{tuned}: recall@10 {index['recall_at_10']} vs exact "
+                f"    index {index['kind']}{tuned}{why}: recall@10 {index['recall_at_10']} vs exact "
                 f"({index['queries']} queries), {index['latency_ms']} ms/query"
             )
         for f in c["failures"][:20]:
