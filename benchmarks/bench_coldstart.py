@@ -62,10 +62,6 @@ def model_flags(checkpoint: Path, text: Path, vision: Path) -> list[str]:
     return ["--checkpoint", str(checkpoint), "--text-model", str(text), "--vision-model", str(vision)]
 
 
-def _paths(spec: object) -> tuple[Path, Path, Path]:
-    return spec.checkpoint, spec.text_model, spec.vision_model  # type: ignore[attr-defined]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -89,9 +85,10 @@ def main() -> None:
             target = images / path.relative_to(ROOT / "data/images")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
+        real_size = model_flags(spec.checkpoint, spec.text_model, spec.vision_model)
         cases = {
             "real-size BERT-base + ViT-B/16": (
-                ["--captions", str(captions), *model_flags(*_paths(spec))],
+                ["--captions", str(captions), *real_size],
                 ["--target", "captions"],
             ),
         }
