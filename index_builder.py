@@ -1,11 +1,6 @@
-"""The ``index`` console script: ``retrieval index`` as a command of its own."""
+"""``python index_builder.py ...``: the ``index`` console script (``retrieval index``) as a file."""
 
-from retrieval.cli import exit_promptly, index_app
-
-
-def main() -> None:
-    exit_promptly(index_app)
-
+from retrieval.cli import index_main
 
 if __name__ == "__main__":
-    main()
+    index_main()

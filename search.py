@@ -1,11 +1,6 @@
-"""The ``search`` console script: ``retrieval search`` as a command of its own."""
+"""``python search.py ...``: the ``search`` console script (``retrieval search``) as a file."""
 
-from retrieval.cli import exit_promptly, search_app
-
-
-def main() -> None:
-    exit_promptly(search_app)
-
+from retrieval.cli import search_main
 
 if __name__ == "__main__":
-    main()
+    search_main()

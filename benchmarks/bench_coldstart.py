@@ -32,9 +32,10 @@ from common import make_captions, make_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = (ROOT / "checkpoints/demo/checkpoint.pt", ROOT / "models/demo-minilm", ROOT / "data/demo-vit")
-# The console scripts' own entry points, run from a chosen source tree.
-SEARCH = "import sys; sys.argv[0] = 'search'; from search import main; main()"
-INDEX = "import sys; sys.argv[0] = 'index'; from index_builder import main; main()"
+# The console scripts as files of the chosen source tree (``{source}`` is filled in).
+SCRIPT = "import runpy, sys; sys.argv[0] = '{name}'; runpy.run_path('{{source}}/{file}', run_name='__main__')"
+SEARCH = SCRIPT.format(name="search", file="search.py")
+INDEX = SCRIPT.format(name="index", file="index_builder.py")
 FLOOR = "import os, torch; from transformers import BertModel; os._exit(0)"
 
 
@@ -44,7 +45,11 @@ def run(code: str, args: list[str], source: Path) -> float:
     # Run from the source tree's parent: `python -c` puts the working folder first on the path,
     # and the engine's own folder there would shadow ``source``.
     result = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=source.parent
+        [sys.executable, "-c", code.format(source=source), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=source.parent,
     )
     seconds = time.perf_counter() - start
     if result.returncode != 0:

@@ -43,8 +43,8 @@ from common import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval import BuildConfig, Encoder, build_index
-from retrieval.reader import read_images
-from retrieval.sources import ImageFile
+from retrieval.ingest.reader import read_images
+from retrieval.ingest.sources import ImageFile
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child forked from a big
 # benchmark process would report the parent's size.

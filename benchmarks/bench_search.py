@@ -29,16 +29,17 @@ import pyarrow as pa
 from common import make_model_dir
 
 from retrieval import Store
-from retrieval.index import IndexRecord, load_index, recall_at
-from retrieval.search import Retriever
-from retrieval.store import CollectionState, Manifest, embedding_array, embedding_matrix
+from retrieval.ann.faiss_index import IndexRecord, load_index, recall_at
+from retrieval.search.retriever import Retriever
+from retrieval.store.folder import CollectionState, Manifest
+from retrieval.vectors import embedding_array, embedding_matrix
 
 _BUILD = """
 import json, sys
 import numpy as np
 from pathlib import Path
 from retrieval import Store
-from retrieval.index import IndexConfig, build_collection_index
+from retrieval.ann.faiss_index import IndexConfig, build_collection_index
 folder = Path(sys.argv[1])
 queries = np.load(folder / "queries.npy")
 with Store.open(folder, write=True) as store:

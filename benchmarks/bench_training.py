@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import make_captions, make_images, make_model_dir
 
 from retrieval import MultiModalEncoder, resolve_runtime
-from retrieval.imaging import open_image
-from retrieval.preprocess import ImagePreprocess, TextBatcher
-from retrieval.train import TrainConfig, clip_loss, train
+from retrieval.model.imaging import open_image
+from retrieval.model.preprocess import ImagePreprocess, TextBatcher
+from retrieval.training.loop import TrainConfig, clip_loss, train
 
 
 def pure_steps(config: TrainConfig, pixels: torch.Tensor, tokens: list[list[int]], steps: int) -> float:

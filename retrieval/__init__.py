@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Checkpoint": "retrieval.checkpoint",
-    "CheckpointInfo": "retrieval.checkpoint",
-    "load_checkpoint": "retrieval.checkpoint",
-    "Encoder": "retrieval.encoder",
-    "ModelSpec": "retrieval.encoder",
-    "load_model": "retrieval.encoder",
-    "BuildConfig": "retrieval.indexer",
-    "BuildReport": "retrieval.indexer",
-    "build_index": "retrieval.indexer",
-    "Store": "retrieval.store",
-    "Retriever": "retrieval.search",
-    "Hit": "retrieval.search",
-    "IndexConfig": "retrieval.index",
+    "Checkpoint": "retrieval.model.checkpoint",
+    "CheckpointInfo": "retrieval.model.checkpoint",
+    "load_checkpoint": "retrieval.model.checkpoint",
+    "Encoder": "retrieval.model.encoder",
+    "ModelSpec": "retrieval.model.spec",
+    "load_model": "retrieval.model.encoder",
+    "BuildConfig": "retrieval.build.pipeline",
+    "BuildReport": "retrieval.build.pipeline",
+    "build_index": "retrieval.build.pipeline",
+    "Store": "retrieval.store.folder",
+    "Retriever": "retrieval.search.retriever",
+    "Hit": "retrieval.search.retriever",
+    "IndexConfig": "retrieval.ann.faiss_index",
     "StoreError": "retrieval.errors",
     "IndexMismatchError": "retrieval.errors",
     "CheckpointError": "retrieval.errors",
@@ -31,16 +31,16 @@ _EXPORTS = {
     "InputError": "retrieval.errors",
     "ModelError": "retrieval.errors",
     "RetrievalError": "retrieval.errors",
-    "ModelFingerprint": "retrieval.fingerprint",
-    "MultiModalEncoder": "retrieval.model",
-    "Runtime": "retrieval.runtime",
-    "resolve_runtime": "retrieval.runtime",
-    "EvalConfig": "retrieval.evaluation",
-    "EvalReport": "retrieval.evaluation",
-    "evaluate": "retrieval.evaluation",
-    "TrainConfig": "retrieval.train",
-    "TrainReport": "retrieval.train",
-    "train": "retrieval.train",
+    "ModelFingerprint": "retrieval.model.fingerprint",
+    "MultiModalEncoder": "retrieval.model.dual_encoder",
+    "Runtime": "retrieval.model.runtime",
+    "resolve_runtime": "retrieval.model.runtime",
+    "EvalConfig": "retrieval.evaluation.protocol",
+    "EvalReport": "retrieval.evaluation.protocol",
+    "evaluate": "retrieval.evaluation.protocol",
+    "TrainConfig": "retrieval.training.loop",
+    "TrainReport": "retrieval.training.loop",
+    "train": "retrieval.training.loop",
 }
 
 __all__ = [
@@ -78,8 +78,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from retrieval.checkpoint import Checkpoint, CheckpointInfo, load_checkpoint
-    from retrieval.encoder import Encoder, ModelSpec, load_model
+    from retrieval.ann.faiss_index import IndexConfig
+    from retrieval.build.pipeline import BuildConfig, BuildReport, build_index
     from retrieval.errors import (
         CheckpointError,
         ConfigError,
@@ -89,15 +89,16 @@ if TYPE_CHECKING:
         RetrievalError,
         StoreError,
     )
-    from retrieval.evaluation import EvalConfig, EvalReport, evaluate
-    from retrieval.fingerprint import ModelFingerprint
-    from retrieval.index import IndexConfig
-    from retrieval.indexer import BuildConfig, BuildReport, build_index
-    from retrieval.model import MultiModalEncoder
-    from retrieval.runtime import Runtime, resolve_runtime
-    from retrieval.search import Hit, Retriever
-    from retrieval.store import Store
-    from retrieval.train import TrainConfig, TrainReport, train
+    from retrieval.evaluation.protocol import EvalConfig, EvalReport, evaluate
+    from retrieval.model.checkpoint import Checkpoint, CheckpointInfo, load_checkpoint
+    from retrieval.model.dual_encoder import MultiModalEncoder
+    from retrieval.model.encoder import Encoder, load_model
+    from retrieval.model.fingerprint import ModelFingerprint
+    from retrieval.model.runtime import Runtime, resolve_runtime
+    from retrieval.model.spec import ModelSpec
+    from retrieval.search.retriever import Hit, Retriever
+    from retrieval.store.folder import Store
+    from retrieval.training.loop import TrainConfig, TrainReport, train
 
 
 def __getattr__(name: str) -> Any:

@@ -23,8 +23,8 @@ from stores import build_config
 from transformers import BertConfig, ViTConfig, ViTImageProcessor
 
 from retrieval import MultiModalEncoder
-from retrieval.indexer import BuildConfig
-from retrieval.verify import verify_index
+from retrieval.build.pipeline import BuildConfig
+from retrieval.build.verify import verify_index
 
 WORDS = (
     "a an the person people man woman child dog cat bird bicycle car street walking running "

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval import ModelSpec
-from retrieval.indexer import BuildConfig
-from retrieval.store import Store
+from retrieval.build.pipeline import BuildConfig
+from retrieval.store.folder import Store
 
 
 def build_config(tmp_path: Path, corpus: Path, checkpoint: Path, towers: tuple[Path, Path]) -> BuildConfig:

@@ -146,7 +146,7 @@ def test_a_touched_file_keeps_its_row_and_id(tmp_path: Path, model: list[str]) -
 
 SLOW_INDEX = """
 import sys, time
-import retrieval.reader as reader
+import retrieval.ingest.reader as reader
 decode = reader.decode_file
 reader.decode_file = lambda *a, **k: (time.sleep(0.05), decode(*a, **k))[1]
 sys.argv[0] = "index"
@@ -427,12 +427,14 @@ def test_caption_results_draw_as_a_text_sheet_with_labels(catalog: Path, tmp_pat
 
 
 def test_tiles_are_labelled_with_rank_score_and_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import retrieval.sheet
+    import retrieval.search.sheet
     from retrieval.cli.search import _draw
-    from retrieval.search import Hit
+    from retrieval.search.retriever import Hit
 
     drawn: list = []
-    monkeypatch.setattr(retrieval.sheet, "contact_sheet", lambda tiles, out, title: drawn.extend(tiles))
+    monkeypatch.setattr(
+        retrieval.search.sheet, "contact_sheet", lambda tiles, out, title: drawn.extend(tiles)
+    )
     hits = [
         Hit(1, 7, 0.5, "images", path="/data/flag/a.png"),
         Hit(2, 9, 0.25, "captions", text="a dog", fields={"image": "animal/d.png"}),

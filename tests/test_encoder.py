@@ -12,7 +12,7 @@ from conftest import TEXTS, make_text_tower, make_vision_tower, seed_checkpoint
 from PIL import Image
 
 from retrieval import ConfigError, Encoder, InputError, ModelSpec, MultiModalEncoder, resolve_runtime
-from retrieval.preprocess import ImagePreprocess
+from retrieval.model.preprocess import ImagePreprocess
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ from stores import model_flags
 from transformers import ViTImageProcessor
 
 from retrieval import BuildConfig, ModelSpec, build_index
+from retrieval.ann.faiss_index import IndexConfig
 from retrieval.errors import ConfigError, InputError
-from retrieval.evalsets import EvalSet
-from retrieval.evaluation import EvalConfig, evaluate, score
-from retrieval.index import IndexConfig
-from retrieval.metrics import exact_scan, gold_matrix, ranks_in_results, summarize
-from retrieval.preprocess import ImagePreprocess
-from retrieval.report import write_report
+from retrieval.evaluation.metrics import exact_scan, gold_matrix, ranks_in_results, summarize
+from retrieval.evaluation.protocol import EvalConfig, evaluate, score
+from retrieval.evaluation.report import write_report
+from retrieval.evaluation.sets import EvalSet
+from retrieval.model.preprocess import ImagePreprocess
 
 
 def unit(*v: float) -> np.ndarray:

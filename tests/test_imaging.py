@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from retrieval import InputError
-from retrieval.imaging import open_image, to_rgb
+from retrieval.model.imaging import open_image, to_rgb
 
 
 def test_transparent_rgba_is_composited_over_white() -> None:

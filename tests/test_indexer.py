@@ -24,11 +24,12 @@ from PIL import Image
 from stores import build_args, canonical, live
 
 from retrieval import Encoder, IndexMismatchError, ModelSpec, MultiModalEncoder, StoreError, durable
+from retrieval.build.pipeline import BuildConfig, build_index
+from retrieval.build.verify import verify_index
 from retrieval.durable import CRASH_ENV
 from retrieval.errors import BuildInterrupted
-from retrieval.indexer import BuildConfig, build_index
-from retrieval.store import Store, embedding_matrix
-from retrieval.verify import verify_index
+from retrieval.store.folder import Store
+from retrieval.vectors import embedding_matrix
 
 
 def test_every_input_is_accounted_for(config: BuildConfig) -> None:
@@ -90,7 +91,7 @@ def test_shards_are_plain_parquet(config: BuildConfig) -> None:
     assert {"path", "sha256", "size", "mtime_ns", "width", "height", "flags"} <= set(table.column_names)
     metadata = table.schema.metadata
     assert metadata[b"retrieval.schema_version"] == b"1"
-    assert len(json.loads(metadata[b"retrieval.fingerprint"])["digest"]) == 64
+    assert len(json.loads(metadata[b"retrieval.model.fingerprint"])["digest"]) == 64
     dataset = ds.dataset([str(p) for p in shards], format="parquet")
     assert dataset.count_rows() == len(GOOD)
     captions = pq.read_table(sorted((config.out / "captions").glob("shard-*.parquet"))[0])
@@ -333,12 +334,12 @@ def test_a_folder_that_cannot_be_listed_keeps_its_rows(
             raise PermissionError(13, "Permission denied")
         return real_listdir(path)
 
-    monkeypatch.setattr("retrieval.sources.os.listdir", flaky)
+    monkeypatch.setattr("retrieval.ingest.sources.os.listdir", flaky)
     report = build_index(config).collections["images"]
     assert report.deleted == 0 and report.indexed == len(GOOD)
     with Store.open(config.out) as store:
         assert any(o.source == "photos" and "cannot list" in o.reason for o in store.outcomes("images"))
-    monkeypatch.setattr("retrieval.sources.os.listdir", real_listdir)
+    monkeypatch.setattr("retrieval.ingest.sources.os.listdir", real_listdir)
     again = build_index(config).collections["images"]
     assert (again.encoded, again.deleted, again.indexed) == (0, 0, len(GOOD))
 

@@ -32,14 +32,15 @@ from corpus import GOOD
 from stores import build_args, canonical
 from transformers import ViTImageProcessor
 
-from retrieval import Retriever, StoreError, durable, reader
+from retrieval import Retriever, StoreError, durable
+from retrieval.build.pipeline import BuildConfig, build_index
+from retrieval.build.verify import verify_index
 from retrieval.cli import index_app, run
 from retrieval.durable import FAULT_ENV
-from retrieval.indexer import BuildConfig, build_index
-from retrieval.preprocess import ImagePreprocess
-from retrieval.reader import decode_file
-from retrieval.store import Store
-from retrieval.verify import verify_index
+from retrieval.ingest import reader
+from retrieval.ingest.reader import decode_file
+from retrieval.model.preprocess import ImagePreprocess
+from retrieval.store.folder import Store
 
 KILL_CYCLES = 8  # in CI; test_many_random_kills runs more under the slow marker
 FUZZ_PER_FILE = 24
@@ -141,7 +142,7 @@ def doubled_vectors(table: pa.Table) -> pa.Table:
 
 def other_model(table: pa.Table) -> pa.Table:
     meta = dict(table.schema.metadata)
-    meta[b"retrieval.fingerprint"] = json.dumps({"digest": "0" * 64}).encode()
+    meta[b"retrieval.model.fingerprint"] = json.dumps({"digest": "0" * 64}).encode()
     return table.replace_schema_metadata(meta)
 
 

@@ -24,8 +24,9 @@ from retrieval import (
     StoreError,
     build_index,
 )
-from retrieval.index import IndexConfig, build_collection_index, load_index, recall_at
-from retrieval.store import CollectionState, Manifest, embedding_array, embedding_matrix
+from retrieval.ann.faiss_index import IndexConfig, build_collection_index, load_index, recall_at
+from retrieval.store.folder import CollectionState, Manifest
+from retrieval.vectors import embedding_array, embedding_matrix
 
 
 def clustered(n: int, dim: int, seed: int, centers: int = 50) -> np.ndarray:
@@ -276,7 +277,7 @@ def test_search_cli(built: BuildConfig) -> None:
 
 
 def test_zero_shot_uses_the_learned_temperature(built: BuildConfig) -> None:
-    from retrieval.zeroshot import classify
+    from retrieval.model.zeroshot import classify
 
     labels = ["dog", "red flag", "car"]
     image = built.images / "clipart" / "flag.png"

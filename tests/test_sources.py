@@ -11,7 +11,14 @@ import pytest
 from corpus import BAD, GOOD, SKIPPED, make_corpus
 
 from retrieval import InputError
-from retrieval.sources import CaptionRecord, ImageFile, Outcome, SidecarFile, read_caption_file, walk_images
+from retrieval.ingest.sources import (
+    CaptionRecord,
+    ImageFile,
+    Outcome,
+    SidecarFile,
+    read_caption_file,
+    walk_images,
+)
 
 
 @pytest.fixture(scope="module")

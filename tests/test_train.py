@@ -19,8 +19,8 @@ from retrieval import Encoder, ModelSpec, MultiModalEncoder, durable, load_check
 from retrieval.durable import CRASH_ENV
 from retrieval.errors import CheckpointError, ConfigError
 from retrieval.progress import Silent
-from retrieval.train import TrainConfig, _Run, clip_loss, train
-from retrieval.trainingdata import random_crops
+from retrieval.training.data import random_crops
+from retrieval.training.loop import TrainConfig, _Run, clip_loss, train
 
 WORDS = "red blue green black white dog cat bird car tree house sun moon road sky".split()
 

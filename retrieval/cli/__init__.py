@@ -18,7 +18,7 @@ import typer
 from retrieval.cli import evaluate, index, model, search, train
 from retrieval.errors import RetrievalError, RetrievalWarning
 
-__all__ = ["app", "exit_promptly", "index_app", "main", "run", "search_app"]
+__all__ = ["app", "exit_promptly", "index_app", "index_main", "main", "run", "search_app", "search_main"]
 
 EXIT_ERROR = 2
 EXIT_INTERNAL = 1
@@ -121,6 +121,16 @@ def run(typer_app: typer.Typer, argv: Sequence[str] | None = None) -> None:
 def main() -> None:
     """Console script ``retrieval``."""
     exit_promptly(app)
+
+
+def index_main() -> None:
+    """Console script ``index`` (``retrieval index``)."""
+    exit_promptly(index_app)
+
+
+def search_main() -> None:
+    """Console script ``search`` (``retrieval search``)."""
+    exit_promptly(search_app)
 
 
 def exit_promptly(typer_app: typer.Typer) -> None:

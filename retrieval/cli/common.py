@@ -62,17 +62,18 @@ def model_paths(
     checkpoint: Path | None, text_model: Path | None, vision_model: Path | None, trust: bool = False
 ) -> Any:
     """The model flags as the library's ``ModelPaths``."""
-    from retrieval.location import ModelPaths
+    from retrieval.store.location import ModelPaths
 
     return ModelPaths(checkpoint, text_model, vision_model, trust_checkpoint=trust)
 
 
 def open_encoder(index: Path | None, paths: Any, device: str, precision: str = "auto") -> Any:
     """The model of ``index`` (flags override parts, and a moved model is remembered), or of the flags."""
-    from retrieval.encoder import Encoder
     from retrieval.errors import StoreError
-    from retrieval.location import load_index_encoder, remember_model
-    from retrieval.store import Store
+    from retrieval.model.encoder import Encoder
+    from retrieval.search.modelref import load_index_encoder
+    from retrieval.store.folder import Store
+    from retrieval.store.location import remember_model
 
     if index is None:
         return Encoder.load(paths.over(), device=device, precision=precision)

@@ -57,9 +57,9 @@ def evaluate(
 ) -> None:
     """Recall@K both ways (exact and through each index), ranks, and zero-shot accuracy."""
     from retrieval.errors import ConfigError
-    from retrieval.evaluation import DEFAULT_TEMPLATES, EvalConfig
-    from retrieval.evaluation import evaluate as run_evaluation
-    from retrieval.report import tables, write_report
+    from retrieval.evaluation.protocol import DEFAULT_TEMPLATES, EvalConfig
+    from retrieval.evaluation.protocol import evaluate as run_evaluation
+    from retrieval.evaluation.report import tables, write_report
 
     try:
         ks = tuple(sorted({int(x) for x in k.split(",") if x.strip()}))

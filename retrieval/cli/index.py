@@ -69,9 +69,9 @@ def index_build(
     as_json: Json = False,
 ) -> None:
     """Encode an image folder and caption files into the index folder (incremental, resumable)."""
+    from retrieval.ann.faiss_index import IndexConfig
+    from retrieval.build.pipeline import BuildConfig, build_index
     from retrieval.errors import BuildInterrupted
-    from retrieval.index import IndexConfig
-    from retrieval.indexer import BuildConfig, build_index
 
     config = BuildConfig(
         out=out,
@@ -165,7 +165,7 @@ def index_info(
     as_json: Json = False,
 ) -> None:
     """Describe an index folder: model, counts, failures."""
-    from retrieval.store import Store
+    from retrieval.store.folder import Store
 
     with Store.open(folder) as store:
         info = store.describe()
@@ -204,7 +204,7 @@ def index_verify(
 
     Exit 0 only when every check holds; otherwise each problem is listed and the exit code is 2.
     """
-    from retrieval.verify import verify_index
+    from retrieval.build.verify import verify_index
 
     report = verify_index(folder)
     if as_json:

@@ -102,7 +102,7 @@ def classify(
 ) -> None:
     """Zero-shot classification: rank labels for each image, with softmax probabilities."""
     from retrieval.errors import ConfigError
-    from retrieval.zeroshot import classify as zero_shot
+    from retrieval.model.zeroshot import classify as zero_shot
 
     if (labels is None) == (labels_file is None):
         raise ConfigError("give --labels or --labels-file (one of them)")
@@ -139,8 +139,8 @@ def embed(
     as_json: Json = False,
 ) -> None:
     """Feature extraction: unit-norm vectors for texts or images, with the model's preprocessing."""
-    from retrieval.embed import write_vectors
     from retrieval.errors import ConfigError
+    from retrieval.model.export import write_vectors
 
     if modality not in ("text", "image"):
         raise ConfigError(f"modality must be text or image, got {modality!r}")

@@ -63,7 +63,7 @@ def _print_hits(hits: list[Any], as_json: bool) -> None:
 
 
 def _draw(hits: list[Any], grid: Path, title: str) -> None:
-    from retrieval.sheet import Tile, contact_sheet
+    from retrieval.search.sheet import Tile, contact_sheet
 
     tiles = []
     for h in hits:
@@ -86,7 +86,7 @@ def _search(
     paths: Any,
     keep_identical: bool,
 ) -> None:
-    from retrieval.search import Retriever, parse_where
+    from retrieval.search.retriever import Retriever, parse_where
 
     with Retriever.open(index, device=device, model=paths) as retriever:
         allow = retriever.filter_ids(target, parse_where(where)) if where else None  # type: ignore[arg-type]

@@ -91,8 +91,8 @@ def train(
 ) -> None:
     """Contrastive training (symmetric InfoNCE, AdamW) that writes and resumes seed-format checkpoints."""
     from retrieval.errors import ConfigError
-    from retrieval.train import TrainConfig
-    from retrieval.train import train as run_training
+    from retrieval.training.loop import TrainConfig
+    from retrieval.training.loop import train as run_training
 
     if schedule not in ("constant", "cosine"):
         raise ConfigError(f"--schedule must be constant or cosine, got {schedule!r}")

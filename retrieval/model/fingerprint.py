@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrieval.preprocess import ImagePreprocess
+from retrieval.model.preprocess import ImagePreprocess
 
 __all__ = ["ModelFingerprint", "config_digest", "tokenizer_digest"]
 

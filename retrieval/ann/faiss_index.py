@@ -20,10 +20,11 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from retrieval.ann.exact import exact_search
 from retrieval.durable import atomic_write
 from retrieval.errors import ConfigError, StoreError
-from retrieval.metrics import exact_scan
-from retrieval.store import FileRef, Store, embedding_matrix
+from retrieval.store.folder import FileRef, Store
+from retrieval.vectors import embedding_matrix
 
 __all__ = [
     "IndexConfig",
@@ -206,8 +207,7 @@ class SearchIndex:
 
 def _exact(store: Store, collection: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Ids and scores of the exact top-k of ``queries``, streamed block by block over the shards."""
-    ids, scores, _ = exact_scan(queries, live_vectors(store, collection, block=8192), k)
-    return ids, scores
+    return exact_search(queries, live_vectors(store, collection, block=8192), k)
 
 
 def recall_at(

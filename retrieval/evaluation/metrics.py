@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retrieval.ann.exact import SCORE_CELLS, TopK
+
 __all__ = [
     "TIE_TOLERANCE",
     "RankSummary",
-    "TopK",
     "exact_scan",
     "gold_matrix",
     "ranks_in_results",
@@ -27,28 +28,6 @@ __all__ = [
 
 # Scores closer than this are a tie: float rounding differs between BLAS block shapes.
 TIE_TOLERANCE = 1e-6
-_SCORE_CELLS = 1 << 24  # query rows x block columns scored at a time (64 MB of float32)
-
-
-class TopK:
-    """The running exact top-``k`` of ``n`` queries, merged block by block."""
-
-    def __init__(self, n: int, k: int) -> None:
-        self.k = k
-        self.scores = np.full((n, k), -np.inf, dtype=np.float32)
-        self.ids = np.full((n, k), -1, dtype=np.int64)
-
-    def add(self, ids: np.ndarray, scores: np.ndarray, rows: slice = slice(None)) -> None:
-        """Merge ``scores`` (q, b) of candidates ``ids`` (b,) into the query rows ``rows``."""
-        top = min(self.k, scores.shape[1])
-        if top == 0:
-            return
-        part = np.argpartition(-scores, top - 1, axis=1)[:, :top]
-        merged_scores = np.concatenate([self.scores[rows], np.take_along_axis(scores, part, 1)], axis=1)
-        merged_ids = np.concatenate([self.ids[rows], ids[part]], axis=1)
-        order = np.argsort(-merged_scores, axis=1, kind="stable")[:, : self.k]
-        self.scores[rows] = np.take_along_axis(merged_scores, order, 1)
-        self.ids[rows] = np.take_along_axis(merged_ids, order, 1)
 
 
 def gold_matrix(groups: Sequence[Sequence[int]]) -> np.ndarray:
@@ -79,7 +58,7 @@ def exact_scan(
     ahead = np.zeros(len(queries), dtype=np.int64) if gold is not None else None
     threshold = None if best_gold is None else (best_gold - TIE_TOLERANCE)[:, None]
     for ids, vectors in blocks:
-        step = max(1, _SCORE_CELLS // max(len(ids), 1))
+        step = max(1, SCORE_CELLS // max(len(ids), 1))
         order = np.argsort(ids, kind="stable")
         for start in range(0, len(queries), step):
             rows = slice(start, start + step)

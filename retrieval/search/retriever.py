@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from retrieval.encoder import Encoder, ImageInput
+from retrieval.ann.faiss_index import IndexRecord, SearchIndex, load_index
 from retrieval.errors import (
     ConfigError,
     IndexMismatchError,
@@ -32,9 +32,10 @@ from retrieval.errors import (
     StoreError,
     TruncationWarning,
 )
-from retrieval.index import IndexRecord, SearchIndex, load_index
-from retrieval.location import ModelPaths, load_index_encoder, remember_model
-from retrieval.store import Manifest, Store, index_source
+from retrieval.model.encoder import Encoder, ImageInput
+from retrieval.search.modelref import load_index_encoder
+from retrieval.store.folder import Manifest, Store, index_source
+from retrieval.store.location import ModelPaths, remember_model
 
 __all__ = ["BUILT_IN_FIELDS", "Hit", "Retriever", "Target", "parse_where", "user_fields"]
 

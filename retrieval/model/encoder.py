@@ -16,7 +16,6 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,34 +23,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.checkpoint import Checkpoint, CheckpointInfo, load_checkpoint
 from retrieval.errors import ConfigError
-from retrieval.fingerprint import ModelFingerprint
-from retrieval.imaging import open_image, to_rgb
-from retrieval.model import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL, MultiModalEncoder
-from retrieval.preprocess import ImagePreprocess, TextBatcher
-from retrieval.runtime import Runtime, resolve_runtime
+from retrieval.model.checkpoint import Checkpoint, CheckpointInfo, load_checkpoint
+from retrieval.model.dual_encoder import MultiModalEncoder
+from retrieval.model.fingerprint import ModelFingerprint
+from retrieval.model.imaging import open_image, to_rgb
+from retrieval.model.preprocess import ImagePreprocess, TextBatcher
+from retrieval.model.runtime import Runtime, resolve_runtime
+from retrieval.model.spec import ModelSpec
 
-__all__ = ["Encoder", "ImageInput", "ModelSpec", "load_model"]
+__all__ = ["Encoder", "ImageInput", "load_model"]
 
 ImageInput = Image.Image | str | Path
 T = TypeVar("T")
 # Texts are tokenized this many batches at a time: enough to sort by length, bounded in memory.
 _TEXT_CHUNK_BATCHES = 16
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where a model lives: the seed's checkpoint and its two tower folders."""
-
-    checkpoint: Path = Path("checkpoints/best_checkpoint.pt")
-    text_model: Path = Path(DEFAULT_TEXT_MODEL)
-    vision_model: Path = Path(DEFAULT_VISION_MODEL)
-    trust_checkpoint: bool = field(default=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for name in ("checkpoint", "text_model", "vision_model"):
-            object.__setattr__(self, name, Path(getattr(self, name)))
 
 
 def load_model(spec: ModelSpec, checkpoint_sha256: str | None = None) -> tuple[MultiModalEncoder, Checkpoint]:

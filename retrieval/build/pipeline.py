@@ -27,37 +27,36 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from retrieval.ann.faiss_index import IndexConfig, IndexRecord, build_collection_index, live_vectors
 from retrieval.durable import file_sha256
-from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import BuildInterrupted, ConfigError, InputError, InputWarning
-from retrieval.imaging import DEFAULT_MAX_PIXELS
-from retrieval.index import IndexConfig, IndexRecord, build_collection_index, live_vectors
-from retrieval.location import model_record
-from retrieval.progress import Progress, Silent
-from retrieval.reader import DEFAULT_DECODE_TIMEOUT, DecodedGroup, default_workers, read_images
-from retrieval.sources import (
+from retrieval.ingest.reader import DEFAULT_DECODE_TIMEOUT, DecodedGroup, default_workers, read_images
+from retrieval.ingest.sources import (
     CAPTION_FORMATS,
     IMAGE_EXTENSIONS,
     CaptionRecord,
     ImageFile,
-    Outcome,
     SidecarFile,
     read_caption_file,
     read_sidecar,
     walk_images,
 )
-from retrieval.store import (
+from retrieval.model.encoder import Encoder
+from retrieval.model.imaging import DEFAULT_MAX_PIXELS
+from retrieval.model.spec import ModelSpec
+from retrieval.outcomes import Outcome, Reason
+from retrieval.progress import Progress, Silent
+from retrieval.store.folder import (
     SCHEMA_VERSION,
     CollectionState,
     FileRef,
     Manifest,
     Store,
-    check_vectors,
-    embedding_array,
-    embedding_matrix,
     index_source,
     shard_stem,
 )
+from retrieval.store.location import model_record
+from retrieval.vectors import check_vectors, embedding_array, embedding_matrix
 
 __all__ = ["BuildConfig", "BuildReport", "CollectionReport", "Progress", "build_index"]
 
@@ -118,10 +117,6 @@ class BuildReport:
                 k: vars(v) | {"seconds": round(v.seconds, 3)} for k, v in self.collections.items()
             },
         }
-
-
-# Failures about access rather than content (permissions, I/O) are retried on every run.
-_RETRIED = "cannot read"
 
 
 @dataclass
@@ -422,7 +417,7 @@ class _Builder:
             metadata = {
                 b"retrieval.schema_version": str(SCHEMA_VERSION).encode(),
                 b"retrieval.collection": collection.encode(),
-                b"retrieval.fingerprint": json.dumps(self.fingerprint.to_dict()).encode(),
+                b"retrieval.model.fingerprint": json.dumps(self.fingerprint.to_dict()).encode(),
             }
             table = table.replace_schema_metadata(metadata)
             shards = (
@@ -487,15 +482,13 @@ class _Builder:
                 stale.append(row[0])
             before = previous.get(f.path)
             unchanged = before is not None and (before.size, before.mtime_ns) == (f.size, f.mtime_ns)
-            if unchanged and before is not None and not before.reason.startswith(_RETRIED):
+            if unchanged and before is not None and not before.code.retried:
                 outcomes.append(before)  # its content failed and has not changed: not retried
                 continue
             plan.append(f)
         # A folder that could not be listed this time keeps its rows: absent is not removed.
         unlisted = tuple(
-            "" if o.source == "." else o.source + "/"
-            for o in outcomes
-            if o.stage == "walk" and o.reason.startswith("cannot list")
+            "" if o.source == "." else o.source + "/" for o in outcomes if o.code is Reason.CANNOT_LIST
         )
         kept_away = unlisted or ("\0",)
         stale.extend(i for p, (i, *_) in current.items() if p not in seen and not p.startswith(kept_away))
@@ -691,7 +684,14 @@ class _Builder:
                 info = path.stat()
             except OSError as e:
                 outcomes.append(
-                    Outcome(source, "failed", "read", f"cannot read: {e.strerror or e}", parent=source)
+                    Outcome(
+                        source,
+                        "failed",
+                        "read",
+                        f"cannot read: {e.strerror or e}",
+                        Reason.UNREADABLE,
+                        parent=source,
+                    )
                 )
                 stale.extend(i for i, _ in existing.values())
                 done.pop(source, None)

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from retrieval import __version__
 from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes, before_read, file_sha256
 from retrieval.errors import IndexMismatchError, StoreError
-from retrieval.sources import Outcome
+from retrieval.outcomes import Outcome
 
 __all__ = ["COLLECTIONS", "SCHEMA_VERSION", "CollectionState", "FileRef", "Manifest", "Store"]
 
@@ -48,7 +48,6 @@ MANIFEST = "manifest.json"
 _OWN_FILE = re.compile(
     r"(shard-\d+(-r\d+)?\.parquet|deleted-g\d+\.parquet|outcomes-g\d+\.jsonl|index-\w+-g\d+\.faiss)"
 )
-_NORM_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,7 @@ class Store:
     def write_outcomes(self, name: str, outcomes: Sequence[Outcome]) -> FileRef:
         """Write the skipped and failed inputs as JSON lines, sorted by source."""
         ordered = sorted(outcomes, key=lambda o: (o.source, o.stage, o.reason))
-        lines = [json.dumps(dataclasses.asdict(o), sort_keys=True, ensure_ascii=False) for o in ordered]
+        lines = [json.dumps(o.to_dict(), sort_keys=True, ensure_ascii=False) for o in ordered]
         data = ("\n".join(lines) + "\n" if lines else "").encode()
         return self._write_bytes(name, data, len(lines))
 
@@ -305,7 +304,7 @@ class Store:
         if state.outcomes is None:
             return []
         text = self.read_file(state.outcomes).decode()
-        return [Outcome(**json.loads(line)) for line in text.splitlines() if line]
+        return [Outcome.from_dict(json.loads(line)) for line in text.splitlines() if line]
 
     def state(self, collection: str) -> CollectionState:
         if self.manifest is None:
@@ -378,27 +377,6 @@ def index_source(state: CollectionState) -> str:
 def shard_stem(name: str) -> str:
     """``images/shard-000000000004`` for that shard and for each rewrite of it (``-r<gen>``)."""
     return name.removesuffix(".parquet").split("-r")[0]
-
-
-def check_vectors(vectors: np.ndarray, dim: int) -> None:
-    """Refuse anything but finite unit-norm float32 rows of the store's dimension."""
-    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[1] != dim:
-        raise StoreError(f"vectors must be float32 (n, {dim}), got {vectors.dtype} {vectors.shape}")
-    norms = np.linalg.norm(vectors, axis=1)
-    if not np.all(np.isfinite(norms)) or np.any(np.abs(norms - 1) > _NORM_TOLERANCE):
-        raise StoreError("vectors must be finite and unit-norm")
-
-
-def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
-    """(n, D) float32 -> Arrow fixed_size_list<float32>[D] without copying row by row."""
-    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
-
-
-def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    """Arrow fixed_size_list<float32>[D] -> (n, D) float32."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
 def _searchable(state: CollectionState) -> dict[str, Any]:

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from retrieval.durable import file_sha256
-from retrieval.encoder import Encoder
 from retrieval.errors import ConfigError, InputError
-from retrieval.pairs import Pair, PairSet, read_pairs
+from retrieval.ingest.pairs import Pair, PairSet, read_pairs
+from retrieval.model.encoder import Encoder
+from retrieval.outcomes import Outcome, Reason
 from retrieval.progress import Progress
-from retrieval.sources import Outcome
 
 __all__ = ["Blocks", "EvalSet", "encode_image_files", "from_index", "from_pairs"]
 
@@ -125,7 +125,7 @@ def encode_image_files(
     """
     import torch
 
-    from retrieval.reader import default_workers, read_images
+    from retrieval.ingest.reader import default_workers, read_images
 
     files, failures = pairs.image_files()
     paths: list[str] = []
@@ -191,8 +191,8 @@ def from_index(
     encoder: Encoder | None = None,
 ) -> EvalSet:
     """Pairs found in (or matched to) an index folder; the model loads only if a text must be encoded."""
-    from retrieval.index import live_vectors
-    from retrieval.search import Retriever
+    from retrieval.ann.faiss_index import live_vectors
+    from retrieval.search.retriever import Retriever
 
     retriever = Retriever.open(folder, device=device, precision=precision, encoder=encoder)
     try:
@@ -226,7 +226,9 @@ def from_index(
         built = _Builder()
         for pair, image_id in wanted:
             if image_id is None:
-                skipped.append(Outcome(f"{pair.image}", "skipped", "match", "image is not in the index"))
+                skipped.append(
+                    Outcome(pair.image, "skipped", "match", "image is not in the index", Reason.NO_IMAGE)
+                )
             else:
                 built.add(sha_of[image_id], pair.caption, pair.label)
         links = built.link_array(pairs_path or folder)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from retrieval.durable import atomic_write_bytes
 from retrieval.errors import ConfigError
-from retrieval.evaluation import EvalReport
-from retrieval.plots import recall_curves
+from retrieval.evaluation.protocol import EvalReport
+from retrieval.plotting import recall_curves
 
 __all__ = ["render_markdown", "tables", "write_report"]
 

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from retrieval.durable import file_sha256
 from retrieval.errors import InputError
-from retrieval.pairs import PairSet, read_pairs
-from retrieval.preprocess import ImagePreprocess, TextBatch, TextBatcher
+from retrieval.ingest.pairs import PairSet, read_pairs
+from retrieval.ingest.reader import default_workers, read_images
+from retrieval.model.preprocess import ImagePreprocess, TextBatch, TextBatcher
+from retrieval.outcomes import Outcome
 from retrieval.progress import Progress
-from retrieval.reader import default_workers, read_images
-from retrieval.sources import Outcome
 
 __all__ = ["Batch", "PairData", "random_crops"]
 

@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import ConfigError, InputError
-from retrieval.evalsets import EvalSet, from_index, from_pairs
-from retrieval.metrics import RankSummary, exact_scan, gold_matrix, ranks_in_results, summarize
+from retrieval.evaluation.metrics import RankSummary, exact_scan, gold_matrix, ranks_in_results, summarize
+from retrieval.evaluation.sets import EvalSet, from_index, from_pairs
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
+from retrieval.outcomes import Outcome
 from retrieval.progress import Progress, Silent
-from retrieval.sources import Outcome
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -256,7 +257,7 @@ def _direction(
     methods = [MethodResult("exact", summarize(ranks, config.ks), _curve(ranks, count))]
     index = s.indexes.get(target)
     if index is not None:
-        from retrieval.index import recall_at
+        from retrieval.ann.faiss_index import recall_at
 
         ids, scores = index.search(queries, min(config.depth, count))
         found = ranks_in_results(ids, scores, golds)

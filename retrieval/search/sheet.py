@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from retrieval.durable import atomic_write
 from retrieval.errors import InputError
-from retrieval.imaging import open_image
+from retrieval.model.imaging import open_image
 
 __all__ = ["Tile", "contact_sheet"]
 

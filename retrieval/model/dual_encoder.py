@@ -33,11 +33,10 @@ from transformers import (
 )
 
 from retrieval.errors import CheckpointError, ModelError
+from retrieval.model.spec import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
 
 __all__ = ["MultiModalEncoder", "normalize_state_dict"]
 
-DEFAULT_TEXT_MODEL = "./models/bert-base-uncased"
-DEFAULT_VISION_MODEL = "./models/vit-base-patch16-224"
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _VOCABULARY_FILES = ("vocab.txt", "tokenizer.json")

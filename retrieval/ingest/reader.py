@@ -34,12 +34,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from retrieval.imaging import DEFAULT_MAX_PIXELS, to_rgb
-from retrieval.preprocess import ImagePreprocess
-from retrieval.sources import ImageFile, Outcome
+from retrieval.ingest.sources import ImageFile
+from retrieval.model.imaging import DEFAULT_MAX_PIXELS, to_rgb
+from retrieval.model.preprocess import ImagePreprocess
+from retrieval.outcomes import Outcome, Reason
 
 __all__ = [
     "DEFAULT_DECODE_TIMEOUT",
+    "DecodeError",
     "DecodedGroup",
     "DecodedImage",
     "decode_file",
@@ -78,28 +80,30 @@ def decode_file(
 ) -> tuple[str, int, int, np.ndarray, bool]:
     """Read, hash and decode one file -> (sha256, width, height, pixels (H, W, 3) uint8, reduced).
 
-    Raises ``ValueError`` (or an ``OSError``) with a readable reason for anything unusable.
+    Raises ``DecodeError`` (a ``ValueError``) with a reason code and a readable reason for anything
+    unusable.
     """
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ValueError(f"cannot read: {e.strerror or e}") from e
+        raise DecodeError(Reason.UNREADABLE, f"cannot read: {e.strerror or e}") from e
     if not data:
-        raise ValueError("empty file (0 bytes)")
+        raise DecodeError(Reason.EMPTY, "empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the pixel limit is ours; Pillow's warnings are noise here
         try:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:  # declared size beyond Pillow's own hard limit
-            raise ValueError(f"too many pixels (decompression bomb?): {str(e).split(', could')[0]}") from e
+            why = f"too many pixels (decompression bomb?): {str(e).split(', could')[0]}"
+            raise DecodeError(Reason.TOO_LARGE, why) from e
         except UnidentifiedImageError as e:
-            raise ValueError("not an image in a known format") from e
+            raise DecodeError(Reason.NOT_AN_IMAGE, "not an image in a known format") from e
         except Exception as e:
-            raise ValueError(f"not a readable image: {e}") from e
+            raise DecodeError(Reason.UNDECODABLE, f"not a readable image: {e}") from e
         width, height = image.size
         if width * height > max_pixels:
-            raise ValueError(f"{width}x{height} exceeds the {max_pixels:,}-pixel limit")
+            raise DecodeError(Reason.TOO_LARGE, f"{width}x{height} exceeds the {max_pixels:,}-pixel limit")
         reduced = False
         if image.format == "JPEG" and preprocess.do_resize:
             wanted = (2 * preprocess.width, 2 * preprocess.height)
@@ -110,14 +114,21 @@ def decode_file(
             image.seek(0)
             image.load()
         except Exception as e:
-            raise ValueError(f"cannot decode: {e}") from e
+            raise DecodeError(Reason.UNDECODABLE, f"cannot decode: {e}") from e
         upright = ImageOps.exif_transpose(image)
         rgb = to_rgb(upright if upright is not None else image)
     if not preprocess.do_resize and rgb.size != (preprocess.width, preprocess.height):
-        raise ValueError(
-            f"is {rgb.size[0]}x{rgb.size[1]}, the model takes {preprocess.width}x{preprocess.height}"
-        )
+        takes = f"{preprocess.width}x{preprocess.height}"
+        raise DecodeError(Reason.WRONG_SIZE, f"is {rgb.size[0]}x{rgb.size[1]}, the model takes {takes}")
     return digest, width, height, preprocess.to_pixels(rgb), reduced
+
+
+class DecodeError(ValueError):
+    """A file that cannot be used, with the reason code its outcome carries."""
+
+    def __init__(self, code: Reason, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _DecodeTimeout(BaseException):
@@ -176,14 +187,17 @@ class _GroupDataset(Dataset[DecodedGroup]):
                         self.root / file.path, self.preprocess, self.max_pixels
                     )
             except _DecodeTimeout:
-                reason = f"decoding took longer than {self.timeout:g} s"
+                code, reason = Reason.TIMEOUT, f"decoding took longer than {self.timeout:g} s"
+            except DecodeError as e:
+                code, reason = e.code, str(e)
             except Exception as e:  # per-file isolation: any decoder error is this file's outcome
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                code, reason = Reason.UNDECODABLE, str(e).splitlines()[0] if str(e) else type(e).__name__
             else:
                 images.append(DecodedImage(index, sha, width, height, reduced))
                 arrays.append(pixels)
                 continue
-            failures.append((index, Outcome(file.path, "failed", "decode", reason, file.size, file.mtime_ns)))
+            outcome = Outcome(file.path, "failed", "decode", reason, code, file.size, file.mtime_ns)
+            failures.append((index, outcome))
         shape = (0, self.preprocess.height, self.preprocess.width, 3)
         stacked = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape, dtype=torch.uint8)
         return DecodedGroup(images, stacked, failures)

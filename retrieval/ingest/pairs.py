@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.errors import ConfigError, InputError
-from retrieval.sources import CaptionRecord, ImageFile, Outcome, read_caption_file
+from retrieval.ingest.sources import CaptionRecord, ImageFile, read_caption_file
+from retrieval.outcomes import Outcome, Reason
 
 __all__ = ["Pair", "PairSet", "read_pairs"]
 
@@ -53,7 +54,9 @@ class PairSet:
             try:
                 stat = self.path(image).stat()
             except OSError as e:
-                missing.append(Outcome(image, "failed", "read", f"cannot read: {e.strerror or e}"))
+                missing.append(
+                    Outcome(image, "failed", "read", f"cannot read: {e.strerror or e}", Reason.UNREADABLE)
+                )
                 continue
             files.append(ImageFile(image, stat.st_size, stat.st_mtime_ns))
         return files, missing
@@ -75,7 +78,7 @@ def read_pairs(path: Path, *, images_root: Path | None = None, labels_column: st
         seen_columns.update(item.metadata)
         where = f"{item.source}#{item.row}"
         if item.image is None:
-            outcomes.append(Outcome(where, "skipped", "pairs", "no image named in this row"))
+            outcomes.append(Outcome(where, "skipped", "pairs", "no image named in this row", Reason.NO_IMAGE))
             continue
         label = None
         if labels_column is not None:

@@ -30,15 +30,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval.checkpoint import Checkpoint, load_checkpoint
 from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes
 from retrieval.errors import CheckpointError, ConfigError
-from retrieval.model import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL, MultiModalEncoder
-from retrieval.preprocess import ImagePreprocess, TextBatcher
+from retrieval.model.checkpoint import Checkpoint, load_checkpoint
+from retrieval.model.dual_encoder import MultiModalEncoder
+from retrieval.model.preprocess import ImagePreprocess, TextBatcher
+from retrieval.model.runtime import Runtime, resolve_runtime
+from retrieval.model.spec import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
+from retrieval.outcomes import Outcome
 from retrieval.progress import Progress, Silent
-from retrieval.runtime import Runtime, resolve_runtime
-from retrieval.sources import Outcome
-from retrieval.trainingdata import Batch, PairData, random_crops
+from retrieval.training.data import Batch, PairData, random_crops
 
 __all__ = ["StepLog", "TrainConfig", "TrainReport", "clip_loss", "train"]
 
@@ -441,7 +442,7 @@ class _Run:
         atomic_write(self.config.out / name, lambda tmp: torch.save(state, tmp))
 
     def _plot(self, log_path: Path) -> Path | None:
-        from retrieval.plots import training_curves
+        from retrieval.plotting import training_curves
 
         rows = _read_log(log_path)
         steps = [r for r in rows if r.get("type") == "step"]

@@ -18,18 +18,18 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow.parquet as pq
 
 from retrieval.errors import InputError
+from retrieval.outcomes import Outcome, Reason
 
 __all__ = [
     "CAPTION_FORMATS",
     "IMAGE_EXTENSIONS",
     "CaptionRecord",
     "ImageFile",
-    "Outcome",
     "SidecarFile",
     "read_caption_file",
     "read_sidecar",
@@ -40,21 +40,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 CAPTION_FORMATS = frozenset({".txt", ".csv", ".tsv", ".jsonl", ".parquet"})
 _TEXT_COLUMNS = ("caption", "text")
 _IMAGE_COLUMNS = ("image", "path", "file", "filename")
-
-Status = Literal["indexed", "skipped", "failed"]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """Why an input was not indexed: ``status`` is skipped or failed, ``stage`` where it happened."""
-
-    source: str
-    status: Status
-    stage: str
-    reason: str
-    size: int | None = None
-    mtime_ns: int | None = None
-    parent: str | None = None  # for a caption row: the file it belongs to
 
 
 @dataclass(frozen=True)
@@ -105,14 +90,16 @@ def _walk(
         info = folder.stat()
         key = (info.st_dev, info.st_ino)
         if key in seen:
+            where = prefix.rstrip("/") or "."
             yield Outcome(
-                prefix.rstrip("/") or ".", "skipped", "walk", "folder already visited (symlink cycle)"
+                where, "skipped", "walk", "folder already visited (symlink cycle)", Reason.LINK_LOOP
             )
             return
         seen.add(key)
         names = sorted(os.listdir(folder))
     except OSError as e:
-        yield Outcome(prefix.rstrip("/") or ".", "failed", "walk", f"cannot list folder: {e.strerror or e}")
+        where = prefix.rstrip("/") or "."
+        yield Outcome(where, "failed", "walk", f"cannot list folder: {e.strerror or e}", Reason.CANNOT_LIST)
         return
     # A sidecar pairs with the first image (in name order) that shares its stem.
     stems: dict[str, str] = {}
@@ -125,9 +112,8 @@ def _walk(
         if not _utf8(name):
             # Parquet and JSON need UTF-8: such a name could be stored only by renaming it.
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS or path.is_dir():
-                yield Outcome(
-                    rel.encode("utf-8", "replace").decode(), "skipped", "walk", "name is not valid UTF-8"
-                )
+                shown = rel.encode("utf-8", "replace").decode()
+                yield Outcome(shown, "skipped", "walk", "name is not valid UTF-8", Reason.BAD_NAME)
             continue
         suffix = Path(name).suffix.lower()
         try:
@@ -135,13 +121,17 @@ def _walk(
             target = path.resolve(strict=True) if is_link else path
             if is_link and not target.is_relative_to(real_root):
                 if suffix in IMAGE_EXTENSIONS or target.is_dir():
-                    yield Outcome(rel, "skipped", "walk", "symlink points outside the root")
+                    yield Outcome(
+                        rel, "skipped", "walk", "symlink points outside the root", Reason.OUTSIDE_ROOT
+                    )
                 continue
             info = target.stat()
         except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
             if suffix in IMAGE_EXTENSIONS or path.is_symlink():
-                why = "broken symlink or symlink loop" if path.is_symlink() else f"cannot stat: {e}"
-                yield Outcome(rel, "skipped", "walk", why)
+                if path.is_symlink():
+                    yield Outcome(rel, "skipped", "walk", "broken symlink or symlink loop", Reason.LINK_LOOP)
+                else:
+                    yield Outcome(rel, "skipped", "walk", f"cannot stat: {e}", Reason.UNREADABLE)
             continue
         if stat.S_ISDIR(info.st_mode):
             yield from _walk(real_root, target, rel + "/", seen)
@@ -149,7 +139,7 @@ def _walk(
             if stat.S_ISREG(info.st_mode):
                 yield ImageFile(rel, info.st_size, info.st_mtime_ns)
             else:
-                yield Outcome(rel, "skipped", "walk", "not a regular file")
+                yield Outcome(rel, "skipped", "walk", "not a regular file", Reason.NOT_A_FILE)
         elif suffix == ".txt" and Path(name).stem in stems and stat.S_ISREG(info.st_mode):
             yield SidecarFile(rel, stems[Path(name).stem], info.st_size, info.st_mtime_ns)
 
@@ -164,7 +154,7 @@ def read_sidecar(path: Path, source: str, image: str) -> Iterator[CaptionRecord 
     try:
         raw = path.read_bytes()
     except OSError as e:
-        yield Outcome(source, "failed", "read", f"cannot read: {e.strerror or e}")
+        yield Outcome(source, "failed", "read", f"cannot read: {e.strerror or e}", Reason.UNREADABLE)
         return
     text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     found = False
@@ -173,11 +163,13 @@ def read_sidecar(path: Path, source: str, image: str) -> Iterator[CaptionRecord 
             continue
         found = True
         if _has_bad_bytes(line):
-            yield Outcome(f"{source}#{index}", "failed", "read", "caption is not valid UTF-8")
+            yield Outcome(
+                f"{source}#{index}", "failed", "read", "caption is not valid UTF-8", Reason.BAD_TEXT
+            )
         else:
             yield CaptionRecord(source, index, " ".join(line.split()), image=image)
     if not found:
-        yield Outcome(source, "skipped", "read", "empty caption")
+        yield Outcome(source, "skipped", "read", "empty caption", Reason.EMPTY)
 
 
 def read_caption_file(path: Path, source: str | None = None) -> Iterator[CaptionRecord | Outcome]:
@@ -257,14 +249,14 @@ def _require_text_column(columns: Sequence[str], path: Path) -> None:
 def _record(row: dict[str, Any], source: str, index: int) -> CaptionRecord | Outcome:
     where = f"{source}#{index}"
     if "__error__" in row:
-        return Outcome(where, "failed", "read", row["__error__"])
+        return Outcome(where, "failed", "read", row["__error__"], Reason.BAD_TEXT)
     column = next((c for c in _TEXT_COLUMNS if c in row), None)
     value = row.get(column) if column else None
     if value is None or (isinstance(value, str) and not value.strip()):
-        return Outcome(where, "skipped", "read", "empty caption")
+        return Outcome(where, "skipped", "read", "empty caption", Reason.EMPTY)
     text = str(value)
     if _has_bad_bytes(text):
-        return Outcome(where, "failed", "read", "caption is not valid UTF-8")
+        return Outcome(where, "failed", "read", "caption is not valid UTF-8", Reason.BAD_TEXT)
     image_column = next((c for c in _IMAGE_COLUMNS if c in row), None)
     metadata = {k: v for k, v in row.items() if k != column and k != image_column}
     bad_meta = [k for k, v in metadata.items() if isinstance(v, str) and _has_bad_bytes(v)]
@@ -272,7 +264,7 @@ def _record(row: dict[str, Any], source: str, index: int) -> CaptionRecord | Out
         metadata[key] = None
     image = str(row[image_column]) if image_column and row[image_column] else None
     if image is not None and _has_bad_bytes(image):
-        return Outcome(where, "failed", "read", "image name is not valid UTF-8")
+        return Outcome(where, "failed", "read", "image name is not valid UTF-8", Reason.BAD_TEXT)
     metadata = {k: v for k, v in metadata.items() if isinstance(k, str) and _utf8(k)}
     return CaptionRecord(source, index, " ".join(text.split()), image=image, metadata=metadata)
 

@@ -31,16 +31,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retrieval.ann.faiss_index import IndexRecord, index_ids
 from retrieval.durable import TMP_MARKER
 from retrieval.errors import StoreError
-from retrieval.fingerprint import ModelFingerprint
-from retrieval.index import IndexRecord, index_ids
-from retrieval.sources import Outcome
-from retrieval.store import COLLECTIONS, SCHEMA_VERSION, CollectionState, FileRef, Store, embedding_matrix
+from retrieval.model.fingerprint import ModelFingerprint
+from retrieval.outcomes import Outcome
+from retrieval.store.folder import COLLECTIONS, SCHEMA_VERSION, CollectionState, FileRef, Store
+from retrieval.vectors import embedding_matrix, unit_norm
 
 __all__ = ["CollectionCheck", "VerifyReport", "verify_index"]
-
-_NORM_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -249,7 +248,7 @@ def _check_shard_metadata(
     if meta.get(b"retrieval.collection", b"").decode(errors="replace") != collection:
         problems.append(f"{ref.file}: its metadata names another collection")
     try:
-        written = json.loads(meta.get(b"retrieval.fingerprint", b"{}"))
+        written = json.loads(meta.get(b"retrieval.model.fingerprint", b"{}"))
     except ValueError:
         written = None
     digest = written.get("digest") if isinstance(written, dict) else None
@@ -264,8 +263,7 @@ def _check_vectors(table: pa.Table, ref: FileRef, dim: int, problems: list[str])
         problems.append(f"{ref.file}: vectors of width {width}, the model's is {dim}")
         return
     vectors = embedding_matrix(column, dim)
-    norms = np.linalg.norm(vectors, axis=1)
-    bad = ~np.isfinite(norms) | (np.abs(norms - 1) > _NORM_TOLERANCE)
+    bad = ~unit_norm(vectors)
     if bad.any():
         problems.append(f"{ref.file}: {int(bad.sum())} vectors are not finite and unit-norm")
 
@@ -279,7 +277,7 @@ def _check_outcomes(store: Store, ref: FileRef, report: VerifyReport) -> None:
         report.problems.append(f"{ref.file}: {len(lines)} outcomes, the manifest says {ref.rows}")
     for number, line in enumerate(lines, 1):
         try:
-            Outcome(**json.loads(line))
+            Outcome.from_dict(json.loads(line))
         except (ValueError, TypeError):
             report.problems.append(f"{ref.file}: line {number} is not an outcome")
             return

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.encoder import Encoder, ImageInput
 from retrieval.errors import ConfigError
+from retrieval.model.encoder import Encoder, ImageInput
 
 __all__ = ["LabelScore", "classify"]
 

@@ -1,0 +1,2 @@
+"""Nearest-neighbour search over a store's vectors: exact block scans and FAISS indexes (flat,
+IVF, HNSW, IVF-PQ) tuned to a recall target. Imports the core modules and ``retrieval.store``."""
