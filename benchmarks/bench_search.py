@@ -31,7 +31,7 @@ from common import make_model_dir
 from retrieval import Store
 from retrieval.ann.faiss_index import IndexRecord, load_index, recall_at
 from retrieval.search.retriever import Retriever
-from retrieval.store.folder import CollectionState, Manifest
+from retrieval.store.manifest import CollectionState, Manifest
 from retrieval.vectors import embedding_array, embedding_matrix
 
 _BUILD = """

@@ -17,8 +17,8 @@ _EXPORTS = {
     "Encoder": "retrieval.model.encoder",
     "ModelSpec": "retrieval.model.spec",
     "load_model": "retrieval.model.encoder",
-    "BuildConfig": "retrieval.build.pipeline",
-    "BuildReport": "retrieval.build.pipeline",
+    "BuildConfig": "retrieval.build.config",
+    "BuildReport": "retrieval.build.config",
     "build_index": "retrieval.build.pipeline",
     "Store": "retrieval.store.folder",
     "Retriever": "retrieval.search.retriever",
@@ -79,7 +79,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from retrieval.ann.faiss_index import IndexConfig
-    from retrieval.build.pipeline import BuildConfig, BuildReport, build_index
+    from retrieval.build.config import BuildConfig, BuildReport
+    from retrieval.build.pipeline import build_index
     from retrieval.errors import (
         CheckpointError,
         ConfigError,

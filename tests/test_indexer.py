@@ -91,7 +91,7 @@ def test_shards_are_plain_parquet(config: BuildConfig) -> None:
     assert {"path", "sha256", "size", "mtime_ns", "width", "height", "flags"} <= set(table.column_names)
     metadata = table.schema.metadata
     assert metadata[b"retrieval.schema_version"] == b"1"
-    assert len(json.loads(metadata[b"retrieval.model.fingerprint"])["digest"]) == 64
+    assert len(json.loads(metadata[b"retrieval.fingerprint"])["digest"]) == 64
     dataset = ds.dataset([str(p) for p in shards], format="parquet")
     assert dataset.count_rows() == len(GOOD)
     captions = pq.read_table(sorted((config.out / "captions").glob("shard-*.parquet"))[0])

@@ -142,7 +142,7 @@ def doubled_vectors(table: pa.Table) -> pa.Table:
 
 def other_model(table: pa.Table) -> pa.Table:
     meta = dict(table.schema.metadata)
-    meta[b"retrieval.model.fingerprint"] = json.dumps({"digest": "0" * 64}).encode()
+    meta[b"retrieval.fingerprint"] = json.dumps({"digest": "0" * 64}).encode()
     return table.replace_schema_metadata(meta)
 
 

@@ -25,7 +25,7 @@ from retrieval import (
     build_index,
 )
 from retrieval.ann.faiss_index import IndexConfig, build_collection_index, load_index, recall_at
-from retrieval.store.folder import CollectionState, Manifest
+from retrieval.store.manifest import CollectionState, Manifest
 from retrieval.vectors import embedding_array, embedding_matrix
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import faiss
 import numpy as np
@@ -23,7 +23,8 @@ import numpy as np
 from retrieval.ann.exact import exact_search
 from retrieval.durable import atomic_write
 from retrieval.errors import ConfigError, StoreError
-from retrieval.store.folder import FileRef, Store
+from retrieval.store.folder import Store
+from retrieval.store.manifest import IndexRecord
 from retrieval.vectors import embedding_matrix
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "build_collection_index",
     "index_ids",
     "live_vectors",
+    "sample_vectors",
 ]
 
 IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
@@ -57,55 +59,21 @@ class IndexConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class IndexRecord:
-    """What the manifest keeps about a built index."""
-
-    file: FileRef
-    kind: str
-    rows: int
-    param: str | None  # "nprobe" or "efSearch"
-    value: int | None
-    refine: int | None  # IVF-PQ: candidates re-ranked exactly, as a multiple of k
-    recall_at_10: float | None
-    latency_ms: float | None  # one query at a time, median
-    queries: str  # "captions", "images" or "self"
-    build_seconds: float
-    reason: str | None = None  # why this kind (auto's choice, or a kind the collection is too small for)
-    requested: str = "auto"  # the kind asked for
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IndexRecord:
-        names = {f for f in cls.__dataclass_fields__}
-        known = {"refine": None, "reason": None} | {k: v for k, v in data.items() if k in names}
-        return cls(**known | {"file": FileRef(**data["file"])})
-
-
 def live_vectors(
     store: Store, collection: str, block: int = _BLOCK
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(ids (n,) int64, vectors (n, D) float32)`` blocks of the rows still in search."""
-    deleted = store.deleted_ids(collection)
     dim = int(store.manifest.model["fingerprint"]["dim"]) if store.manifest else 0
-    for _, table in store.iter_shards(collection, ["id", "embedding"]):
+    for _, table in store.live_rows(collection, ["id", "embedding"]):
         ids = table.column("id").to_numpy()
         vectors = embedding_matrix(table.column("embedding"), dim)
-        keep = ~np.isin(ids, deleted)
-        ids, vectors = ids[keep], vectors[keep]
         for start in range(0, len(ids), block):
             yield ids[start : start + block], vectors[start : start + block]
 
 
 def live_count(store: Store, collection: str) -> int:
     """How many rows of ``collection`` are in search, from the id column alone."""
-    deleted = store.deleted_ids(collection)
-    return sum(
-        int((~np.isin(t.column("id").to_numpy(), deleted)).sum())
-        for _, t in store.iter_shards(collection, ["id"])
-    )
+    return sum(t.num_rows for _, t in store.live_rows(collection, ["id"]))
 
 
 def _choose(kind: IndexKind, n: int, dim: int, budget: int | None) -> tuple[str, str | None]:
@@ -151,7 +119,7 @@ def _make(kind: str, n: int, dim: int) -> faiss.Index:
     raise ConfigError(f"unknown index type {kind!r}; use flat, ivf, hnsw, ivfpq or auto")
 
 
-def _sample(store: Store, collection: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def sample_vectors(store: Store, collection: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """Up to ``size`` live vectors, chosen uniformly, read one block at a time."""
     total = live_count(store, collection)
     if total == 0:
@@ -289,14 +257,14 @@ def build_collection_index(
     kind, reason = _choose(config.kind, n, dim, config.memory_budget)
     index = _make(kind, n, dim)
     if not index.is_trained:
-        index.train(_sample(store, collection, min(config.train_sample, n), rng))
+        index.train(sample_vectors(store, collection, min(config.train_sample, n), rng))
     for ids, vectors in live_vectors(store, collection):
         index.add_with_ids(np.ascontiguousarray(vectors), ids)
 
     param = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(kind)
     search_index = SearchIndex(index, kind, param, None)
     if queries is None or len(queries) == 0:
-        queries, queries_from = _sample(store, collection, config.tuning_queries, rng), "self"
+        queries, queries_from = sample_vectors(store, collection, config.tuning_queries, rng), "self"
     else:
         queries = queries[rng.permutation(len(queries))[: config.tuning_queries]]
     k = min(10, n)

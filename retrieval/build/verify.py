@@ -31,12 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval.ann.faiss_index import IndexRecord, index_ids
+from retrieval.ann.faiss_index import index_ids
 from retrieval.durable import TMP_MARKER
 from retrieval.errors import StoreError
 from retrieval.model.fingerprint import ModelFingerprint
 from retrieval.outcomes import Outcome
-from retrieval.store.folder import COLLECTIONS, SCHEMA_VERSION, CollectionState, FileRef, Store
+from retrieval.store.folder import Store
+from retrieval.store.manifest import COLLECTIONS, SCHEMA_VERSION, CollectionState, FileRef, IndexRecord
 from retrieval.vectors import embedding_matrix, unit_norm
 
 __all__ = ["CollectionCheck", "VerifyReport", "verify_index"]
@@ -248,7 +249,7 @@ def _check_shard_metadata(
     if meta.get(b"retrieval.collection", b"").decode(errors="replace") != collection:
         problems.append(f"{ref.file}: its metadata names another collection")
     try:
-        written = json.loads(meta.get(b"retrieval.model.fingerprint", b"{}"))
+        written = json.loads(meta.get(b"retrieval.fingerprint", b"{}"))
     except ValueError:
         written = None
     digest = written.get("digest") if isinstance(written, dict) else None
@@ -286,16 +287,11 @@ def _check_outcomes(store: Store, ref: FileRef, report: VerifyReport) -> None:
 def _check_index(
     store: Store,
     collection: str,
-    raw: dict[str, Any],
+    record: IndexRecord,
     live: np.ndarray | None,  # None: some shard was unreadable, so the live ids are not known
     dim: int,
     report: VerifyReport,
 ) -> str | None:
-    try:
-        record = IndexRecord.from_dict(raw)
-    except (TypeError, KeyError) as e:
-        report.problems.append(f"{collection}: unreadable index record in the manifest ({e})")
-        return None
     data = _read_file(store, record.file, report)
     if data is None:
         return record.kind

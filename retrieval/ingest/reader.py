@@ -214,10 +214,16 @@ def _keep(group: Any) -> Any:
 
 
 def _ignore_interrupts(worker: int) -> None:
-    """In a decoding worker: a terminal's Ctrl-C reaches the whole process group, but stopping is
-    the build's decision (it finishes the files in hand and commits), so workers carry on until
-    they are shut down."""
+    """In a decoding worker: a terminal's Ctrl-C (or a SIGTERM to the whole process group) reaches
+    the workers too, but stopping is the build's decision (it finishes the files in hand and
+    commits). So a worker ignores SIGINT, and on SIGTERM leaves quietly (exit status 0), which the
+    build, stopping already, takes as the end of decoding rather than a crash."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave)
+
+
+def _leave(signum: int, frame: Any) -> None:
+    os._exit(0)
 
 
 def read_images(

@@ -25,7 +25,7 @@ def write_vectors(out: Path, inputs: Sequence[str], vectors: np.ndarray, key: st
     elif suffix == ".parquet":
         table = pa.table({key: pa.array(list(inputs), pa.string()), "embedding": embedding_array(vectors)})
         table = table.replace_schema_metadata(
-            {b"retrieval.model.fingerprint": json.dumps({"digest": fingerprint}).encode()}
+            {b"retrieval.fingerprint": json.dumps({"digest": fingerprint}).encode()}
         )
         atomic_write(out, lambda tmp: pq.write_table(table, tmp))
     else:

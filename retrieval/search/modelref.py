@@ -7,8 +7,8 @@ from pathlib import Path
 
 from retrieval.errors import IndexMismatchError, ModelError
 from retrieval.model.encoder import Encoder
-from retrieval.store.folder import Manifest
 from retrieval.store.location import MODEL_PARTS, ModelPaths, recorded_spec, stat_key
+from retrieval.store.manifest import Manifest
 
 __all__ = ["load_index_encoder"]
 

@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from retrieval.ann.faiss_index import IndexRecord, SearchIndex, load_index
+from retrieval.ann.faiss_index import SearchIndex, load_index
 from retrieval.errors import (
     ConfigError,
     IndexMismatchError,
@@ -34,8 +34,9 @@ from retrieval.errors import (
 )
 from retrieval.model.encoder import Encoder, ImageInput
 from retrieval.search.modelref import load_index_encoder
-from retrieval.store.folder import Manifest, Store, index_source
+from retrieval.store.folder import Store
 from retrieval.store.location import ModelPaths, remember_model
+from retrieval.store.manifest import Manifest
 
 __all__ = ["BUILT_IN_FIELDS", "Hit", "Retriever", "Target", "parse_where", "user_fields"]
 
@@ -152,11 +153,7 @@ class Retriever:
                         "rerun `index build` to finish"
                     )
                 raise StoreError(f"{self.store.folder} has no {target} index (build it with `index build`)")
-            if (
-                committed is not None
-                and committed.index
-                and committed.index.get("source") != index_source(committed)
-            ):
+            if committed is not None and committed.index is not None and committed.awaiting_index:
                 warnings.warn(
                     f"{self.store.folder}: {target} changed since its index was built (a build was "
                     "stopped or is running); searching the last published version: rerun `index build` "
@@ -164,7 +161,7 @@ class Retriever:
                     StaleIndexWarning,
                     stacklevel=3,
                 )
-            self._indexes[target] = load_index(self.store, IndexRecord.from_dict(state.index))
+            self._indexes[target] = load_index(self.store, state.index)
         return self._indexes[target]
 
     def rows(self, target: Target) -> _Rows:

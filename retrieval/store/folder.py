@@ -26,7 +26,6 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,120 +33,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import __version__
 from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes, before_read, file_sha256
 from retrieval.errors import IndexMismatchError, StoreError
 from retrieval.outcomes import Outcome
+from retrieval.store.manifest import COLLECTIONS, CollectionState, FileRef, Manifest
 
-__all__ = ["COLLECTIONS", "SCHEMA_VERSION", "CollectionState", "FileRef", "Manifest", "Store"]
+__all__ = ["MANIFEST", "Store"]
 
-SCHEMA_VERSION = 1
-COLLECTIONS = ("images", "captions")
 MANIFEST = "manifest.json"
 # The only names a store writes in a collection folder: anything else there is not ours to delete.
 _OWN_FILE = re.compile(
-    r"(shard-\d+(-r\d+)?\.parquet|deleted-g\d+\.parquet|outcomes-g\d+\.jsonl|index-\w+-g\d+\.faiss)"
+    r"(shard-\d+(-g\d+)?(-r\d+)?\.parquet|(deleted|plan)-g\d+\.parquet|outcomes-g\d+\.jsonl|index-\w+-g\d+\.faiss)"
 )
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """A file of the store, relative to its folder, with what it must hash to."""
-
-    file: str
-    sha256: str
-    rows: int
-    bytes: int
-
-
-@dataclass(frozen=True)
-class CollectionState:
-    """One collection's committed files and counters."""
-
-    shards: tuple[FileRef, ...] = ()
-    next_id: int = 0
-    deleted: FileRef | None = None
-    outcomes: FileRef | None = None
-    root: str | None = None  # images: the folder the paths are relative to
-    # Caption files fully indexed: path -> [size, mtime_ns].
-    sources: dict[str, list[int]] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)  # indexed, skipped, failed
-    index: dict[str, Any] | None = None  # the FAISS index record (retrieval.index.IndexRecord)
-
-    def files(self) -> list[FileRef]:
-        index = FileRef(**self.index["file"]) if self.index else None
-        published = self.published().deleted  # the deletion list the index was built with
-        extra = (self.deleted, self.outcomes, index, published if published != self.deleted else None)
-        return [*self.shards, *(f for f in extra if f is not None)]
-
-    def published(self) -> CollectionState:
-        """What readers see: the rows the FAISS index was built from, and nothing without one.
-
-        A build commits shard by shard, so that a crash costs at most one shard, and rebuilds the
-        index last; the rows it committed meanwhile are published with the new index, in the
-        same manifest write.
-        """
-        if not self.index:
-            return dataclasses.replace(self, shards=(), deleted=None)
-        if "shards" not in self.index:  # recorded before snapshots: the index covered every row
-            return self
-        deleted = self.index.get("deleted")
-        return dataclasses.replace(
-            self, shards=self.shards[: self.index["shards"]], deleted=FileRef(**deleted) if deleted else None
-        )
-
-
-@dataclass(frozen=True)
-class Manifest:
-    schema_version: int
-    generation: int
-    model: dict[str, Any]  # checkpoint / tower paths and the fingerprint
-    collections: dict[str, CollectionState]
-    engine_version: str = __version__
-    updated: float = 0.0
-
-    def published(self) -> Manifest:
-        """The manifest as readers see it (``CollectionState.published`` for each collection)."""
-        collections = {name: state.published() for name, state in self.collections.items()}
-        return dataclasses.replace(self, collections=collections)
-
-    @property
-    def fingerprint(self) -> str | None:
-        raw = self.model.get("fingerprint")
-        value = raw.get("digest") if isinstance(raw, dict) else None
-        return str(value) if value else None
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        data = json.loads(text)
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"manifest schema version {version} is not supported (this engine reads {SCHEMA_VERSION})"
-            )
-        collections = {}
-        for name, raw in data["collections"].items():
-            collections[name] = CollectionState(
-                shards=tuple(FileRef(**f) for f in raw["shards"]),
-                next_id=int(raw["next_id"]),
-                deleted=FileRef(**raw["deleted"]) if raw.get("deleted") else None,
-                outcomes=FileRef(**raw["outcomes"]) if raw.get("outcomes") else None,
-                root=raw.get("root"),
-                sources={k: list(v) for k, v in raw.get("sources", {}).items()},
-                index=raw.get("index"),
-                counts=dict(raw.get("counts", {})),
-            )
-        return cls(
-            schema_version=version,
-            generation=int(data["generation"]),
-            model=dict(data["model"]),
-            collections=collections,
-            engine_version=str(data.get("engine_version", "")),
-            updated=float(data.get("updated", 0.0)),
-        )
 
 
 class Store:
@@ -186,6 +83,12 @@ class Store:
                 _release_lock(folder, lock_fd)
             raise
         return store
+
+    def viewing(self, manifest: Manifest) -> Store:
+        """A reader of this folder that sees ``manifest`` as it is (a build's state in progress)."""
+        view = Store(self.folder, manifest, None)
+        view.manifest = manifest
+        return view
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -235,11 +138,7 @@ class Store:
         """Remove files the manifest does not name: temporaries, files of earlier generations and
         shards of a build that crashed. Writers call it when they open the folder and when done."""
         self._require_writer()
-        named = {
-            f.file
-            for state in (self.manifest.collections.values() if self.manifest else [])
-            for f in state.files()
-        }
+        named = {f.file for f in self.manifest.files()} if self.manifest else set()
         for name in COLLECTIONS:
             folder = self.folder / name
             if not folder.is_dir():
@@ -293,14 +192,34 @@ class Store:
             )
         return table
 
+    def live_rows(self, collection: str, columns: Sequence[str]) -> Iterator[tuple[FileRef, pa.Table]]:
+        """Each shard's rows still in search (deleted ones dropped), ``columns`` only.
+
+        The one place deletions are applied; every reader of rows goes through it. Each table
+        also has ``_row``, the row's position in its shard (to find its vector again).
+        """
+        deleted = self.deleted_ids(collection)
+        wanted = ["id", *(c for c in columns if c != "id")]
+        for ref, table in self.iter_shards(collection, wanted):
+            positions = np.arange(table.num_rows, dtype=np.int64)
+            keep = pa.array(~np.isin(table.column("id").to_numpy(), deleted))
+            live = table.append_column("_row", pa.array(positions)).filter(keep)
+            yield ref, live.select([*columns, "_row"])
+
     def deleted_ids(self, collection: str) -> np.ndarray:
-        state = self.state(collection)
-        if state.deleted is None:
+        return self.read_ids(self.state(collection).deleted)
+
+    def read_ids(self, ref: FileRef | None) -> np.ndarray:
+        """The ``id`` column of a file (a deletion list), (n,) int64; empty for None."""
+        if ref is None:
             return np.empty(0, dtype=np.int64)
-        return self.read_table(state.deleted, ["id"]).column("id").to_numpy()
+        return self.read_table(ref, ["id"]).column("id").to_numpy()
 
     def outcomes(self, collection: str) -> list[Outcome]:
-        state = self.state(collection)
+        return self.outcomes_of(self.state(collection))
+
+    def outcomes_of(self, state: CollectionState) -> list[Outcome]:
+        """The skipped and failed inputs a collection state records."""
         if state.outcomes is None:
             return []
         text = self.read_file(state.outcomes).decode()
@@ -332,8 +251,9 @@ class Store:
                 "deleted": state.deleted.rows if state.deleted else 0,
                 "next_id": state.next_id,
                 "root": state.root,
-                "index": state.index,
-                **_searchable(state),
+                "index": state.index.to_dict() if state.index else None,
+                "searchable": state.index.rows if state.index else 0,
+                "awaiting_index": state.awaiting_index,
                 "failures": [
                     {"source": o.source, "stage": o.stage, "reason": o.reason}
                     for o in outcomes
@@ -361,32 +281,6 @@ class Store:
                 f"{self.folder} was built with another model (fingerprint {self.manifest.fingerprint[:12]}, "
                 f"this one is {fingerprint[:12]}); use the same checkpoint and towers, or --rebuild"
             )
-
-
-def index_source(state: CollectionState) -> str:
-    """Which rows an index covers: its shards (by first id and rows) and the deletion file.
-
-    A shard rewritten only to refresh file stats (the indexer's ``_restat``) keeps its ids and vectors, so it
-    keeps its place in this key and the index is not rebuilt for it.
-    """
-    names = [f"{shard_stem(f.file)}:{f.rows}" for f in state.shards]
-    names.append(state.deleted.sha256 if state.deleted else "")
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()
-
-
-def shard_stem(name: str) -> str:
-    """``images/shard-000000000004`` for that shard and for each rewrite of it (``-r<gen>``)."""
-    return name.removesuffix(".parquet").split("-r")[0]
-
-
-def _searchable(state: CollectionState) -> dict[str, Any]:
-    """How much of a collection search sees: its index's rows, and whether rows await one."""
-    index = state.index
-    searchable = int(index["rows"]) if index else 0
-    behind = state.counts.get("indexed", 0) > 0 and (
-        index is None or index.get("source") != index_source(state)
-    )
-    return {"searchable": searchable, "awaiting_index": behind}
 
 
 def _read_manifest(folder: Path) -> Manifest | None:

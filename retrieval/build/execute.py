@@ -1,0 +1,316 @@
+"""Executors: work items in, shard results out, in any order.
+
+An executor turns each ``WorkItem`` into an ``ItemResult`` (rows, their ids and vectors, and the
+outcomes of inputs that failed). Ids come with the items, so results may arrive in any order;
+the committer writes each as it comes. ``LocalExecutor`` runs here: images decoded in worker
+processes (``ingest.reader``) and encoded in batches, captions tokenized and encoded a few
+batches at a time. Content already indexed (the same sha256) takes its stored vector instead of
+going through the model. When ``stop`` is set, the executor ends at the next batch and yields
+what it finished of the items in flight (``complete=False``); their other inputs stay planned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from retrieval.build.plan import CaptionInput, ImageInput, WorkItem
+from retrieval.ingest.reader import DecodedGroup, default_workers, read_images
+from retrieval.ingest.sources import ImageFile
+from retrieval.model.encoder import Encoder
+from retrieval.outcomes import Outcome
+from retrieval.progress import Progress
+from retrieval.store.folder import Store
+from retrieval.store.manifest import FileRef
+from retrieval.store.schema import CaptionRow, ImageRow, Row
+from retrieval.vectors import embedding_matrix
+
+__all__ = ["Executor", "ItemResult", "LocalExecutor", "StoredVectors"]
+
+
+@dataclass
+class ItemResult:
+    """What became of a work item's inputs: the rows written and the inputs that failed."""
+
+    item: WorkItem
+    ids: list[int] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    complete: bool = False  # every input of the item is settled (False: a stop came first)
+    encoded: int = 0
+    reused: int = 0
+    truncated: int = 0
+
+    @property
+    def settled(self) -> int:
+        return len(self.ids) + len(self.outcomes)
+
+    def matrix(self, dim: int) -> np.ndarray:
+        return (
+            np.stack(self.vectors).astype(np.float32, copy=False)
+            if self.vectors
+            else np.empty((0, dim), np.float32)
+        )
+
+
+class StoredVectors:
+    """The vector already stored for a content hash, deleted rows included (until a rebuild)."""
+
+    def __init__(self, store: Store, collection: str, dim: int) -> None:
+        self.store = store
+        self.dim = dim
+        self.places: dict[str, tuple[FileRef, int]] = {}
+        deleted = store.deleted_ids(collection)
+        live: dict[str, tuple[FileRef, int]] = {}
+        gone: dict[str, tuple[FileRef, int]] = {}
+        for ref, table in store.iter_shards(collection, ["id", "sha256"]):
+            dead = np.isin(table.column("id").to_numpy(), deleted)
+            for row, (sha, is_dead) in enumerate(zip(table.column("sha256").to_pylist(), dead, strict=True)):
+                (gone if is_dead else live)[sha] = (ref, row)
+        self.places = gone | live  # a live copy preferred: its shard is the one being read anyway
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self.places
+
+    def get(self, sha256: str) -> np.ndarray:
+        ref, row = self.places[sha256]
+        if ref.file not in self._cache:
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            table = self.store.read_table(ref, ["embedding"])
+            self._cache[ref.file] = embedding_matrix(table.column("embedding"), self.dim)
+        return self._cache[ref.file][row]
+
+
+class Executor(Protocol):
+    """Runs work items; yields a result for each (a partial one for those a stop interrupted)."""
+
+    def run(
+        self,
+        items: Sequence[WorkItem],
+        stored: StoredVectors,
+        progress: Progress,
+        stop: threading.Event | None = None,
+    ) -> Iterator[ItemResult]: ...
+
+
+class LocalExecutor:
+    """This machine: decoding worker processes, the model on the encoder's device."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        root: Path | None,
+        *,
+        workers: int | None = None,
+        max_pixels: int,
+        decode_timeout: float,
+    ) -> None:
+        self.encoder = encoder
+        self.root = root
+        self.workers = default_workers(workers)
+        self.max_pixels = max_pixels
+        self.decode_timeout = decode_timeout
+
+    def run(
+        self,
+        items: Sequence[WorkItem],
+        stored: StoredVectors,
+        progress: Progress,
+        stop: threading.Event | None = None,
+    ) -> Iterator[ItemResult]:
+        if not items:
+            return
+        collection = items[0].collection
+        progress.start(collection, sum(len(item.ids) for item in items))
+        try:
+            if collection == "images":
+                yield from self._images(items, stored, progress, stop)
+            else:
+                yield from self._captions(items, stored, progress, stop)
+        finally:
+            progress.finish()
+
+    # -- images ------------------------------------------------------------------------------------
+
+    def _images(
+        self,
+        items: Sequence[WorkItem],
+        stored: StoredVectors,
+        progress: Progress,
+        stop: threading.Event | None,
+    ) -> Iterator[ItemResult]:
+        if self.root is None:
+            raise ValueError("an image work item needs the executor's image root")
+        run = _ImageRun(items, stored, progress)
+        with self._feeding_threads():
+            groups = read_images(
+                self.root,
+                run.files(),
+                self.encoder.preprocess,
+                workers=self.workers,
+                max_pixels=self.max_pixels,
+                decode_timeout=self.decode_timeout,
+            )
+            for group in _until_stopped(groups, stop):
+                yield from run.take(group)
+                if len(run.waiting) >= self.encoder.image_batch_size:
+                    yield from run.encode(self.encoder)
+            if stop is None or not stop.is_set():
+                yield from run.encode(self.encoder)
+        # Stopped: what each item in flight finished is committed; the rest stays planned.
+        yield from run.unfinished()
+
+    @contextlib.contextmanager
+    def _feeding_threads(self) -> Iterator[None]:
+        """On a GPU the main process only feeds the device: its CPU threads would spin against the
+        decoding workers for the same cores. torch's thread count is the process's: restored after."""
+        threads = torch.get_num_threads()
+        if self.encoder.runtime.device.type == "cuda":
+            torch.set_num_threads(min(threads, 2))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    # -- captions ----------------------------------------------------------------------------------
+
+    def _captions(
+        self,
+        items: Sequence[WorkItem],
+        stored: StoredVectors,
+        progress: Progress,
+        stop: threading.Event | None,
+    ) -> Iterator[ItemResult]:
+        # The bar moves every few model batches, not once an item (16,384 captions by default).
+        step = self.encoder.text_batch_size * 4
+        for item in items:
+            inputs = [x for x in item.inputs if isinstance(x, CaptionInput)]
+            hashes = [x.sha256 for x in inputs]
+            todo = [k for k, h in enumerate(hashes) if h not in stored]
+            token_ids, truncated = self.encoder.text_batcher.tokenize_flagged([x.record.text for x in inputs])
+            ready: dict[int, np.ndarray] = {k: stored.get(h) for k, h in enumerate(hashes) if h in stored}
+            progress.advance(len(ready))
+            stopped = False
+            for offset in range(0, len(todo), step):
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
+                part = todo[offset : offset + step]
+                ready.update(
+                    zip(part, self.encoder.encode_text_ids([token_ids[k] for k in part]), strict=True)
+                )
+                progress.advance(len(part))
+            result = ItemResult(item, complete=not stopped)
+            fresh = set(todo)
+            for k in sorted(ready):
+                x = inputs[k]
+                cut = ("truncated",) if truncated[k] else ()
+                r = x.record
+                row = CaptionRow(
+                    r.text, r.source, r.row, r.image, hashes[k], x.size, x.mtime_ns, cut, x.metadata
+                )
+                result.ids.append(item.ids[k])
+                result.rows.append(row)
+                result.vectors.append(ready[k])
+                result.encoded += k in fresh
+                result.reused += k not in fresh
+                result.truncated += bool(cut)
+            if result.settled:
+                yield result
+            if stopped:
+                return
+
+
+class _ImageRun:
+    """The images of some work items on their way through decoding and the model.
+
+    Inputs are numbered in plan order (the reader's file index); each settles as a row with its
+    vector or as an outcome, and an item is yielded once all its inputs have settled.
+    """
+
+    def __init__(self, items: Sequence[WorkItem], stored: StoredVectors, progress: Progress) -> None:
+        self.where = [(item, k) for item in items for k in range(len(item.inputs))]
+        self.results = {item.number: ItemResult(item) for item in items}
+        self.stored = stored
+        self.progress = progress
+        self.rows: dict[int, ImageRow] = {}  # decoded, waiting for the model
+        self.waiting: list[tuple[int, np.ndarray]] = []  # (input number, pixels (1, H, W, 3))
+
+    def files(self) -> list[ImageFile]:
+        inputs = [item.inputs[k] for item, k in self.where]
+        return [ImageFile(x.path, x.size, x.mtime_ns) for x in inputs if isinstance(x, ImageInput)]
+
+    def take(self, group: DecodedGroup) -> Iterator[ItemResult]:
+        """A decoded group: failures settle now, known content takes its stored vector."""
+        for index, outcome in group.failures:
+            yield from self._settle(index, outcome=outcome)
+        for k, image in enumerate(group.images):
+            item, position = self.where[image.index]
+            x = item.inputs[position]
+            assert isinstance(x, ImageInput)
+            flags = ("reduced_on_load",) if image.reduced else ()
+            row = ImageRow(x.path, image.sha256, x.size, x.mtime_ns, image.width, image.height, flags)
+            if image.sha256 in self.stored:
+                yield from self._settle(image.index, row, self.stored.get(image.sha256), fresh=False)
+            else:
+                self.rows[image.index] = row
+                self.waiting.append((image.index, group.pixels[k : k + 1].numpy()))
+
+    def encode(self, encoder: Encoder) -> Iterator[ItemResult]:
+        """Everything decoded so far through the model, as one batch."""
+        if not self.waiting:
+            return
+        vectors = encoder.encode_pixels(np.concatenate([pixels for _, pixels in self.waiting]))
+        waiting, self.waiting = self.waiting, []
+        for (index, _), vector in zip(waiting, vectors, strict=True):
+            yield from self._settle(index, self.rows.pop(index), vector, fresh=True)
+
+    def unfinished(self) -> Iterator[ItemResult]:
+        """Items a stop interrupted, with what they finished."""
+        yield from (r for r in self.results.values() if r.settled)
+
+    def _settle(
+        self,
+        index: int,
+        row: ImageRow | None = None,
+        vector: np.ndarray | None = None,
+        outcome: Outcome | None = None,
+        fresh: bool = False,
+    ) -> Iterator[ItemResult]:
+        item, k = self.where[index]
+        result = self.results[item.number]
+        if outcome is not None:
+            result.outcomes.append(outcome)
+        elif row is not None and vector is not None:
+            result.ids.append(item.ids[k])
+            result.rows.append(row)
+            result.vectors.append(vector)
+            result.encoded += fresh
+            result.reused += not fresh
+        self.progress.advance(1)
+        if result.settled == len(item.ids):
+            result.complete = True
+            yield self.results.pop(item.number)
+
+
+def _until_stopped(groups: Iterator[DecodedGroup], stop: threading.Event | None) -> Iterator[DecodedGroup]:
+    """``groups`` until ``stop`` is set. A worker that a terminal's Ctrl-C reached before it could
+    ignore it ends the decoding with an error: once stopping, that is simply the end."""
+    try:
+        for group in groups:
+            yield group
+            if stop is not None and stop.is_set():
+                return
+    except Exception:
+        if stop is None or not stop.is_set():
+            raise
