@@ -390,3 +390,35 @@ def test_a_stop_commits_the_work_done_and_the_rerun_matches(
     again = build_index(config)
     assert not again.interrupted
     assert canonical(config.out) == canonical(clean.out)
+
+
+def test_a_rebuild_keeps_the_old_index_searchable_until_it_is_done(
+    config: BuildConfig, tmp_path: Path, towers: tuple[Path, Path]
+) -> None:
+    from retrieval import Retriever
+
+    build_index(config)
+    with Retriever.open(config.out, device="cpu") as retriever:
+        before = [(h.id, h.path) for h in retriever.search_text("a dog", k=5)]
+    torch.manual_seed(7)
+    other = seed_checkpoint(MultiModalEncoder(*towers, embed_dim=16), tmp_path / "other.pt")
+    rebuild = BuildConfig(
+        **{**vars(config), "model": ModelSpec(other, *towers), "rebuild": True, "batch_size": 2}
+    )
+    stop = threading.Event()
+    with pytest.raises(BuildInterrupted):
+        build_index(rebuild, progress=_StopAfter(stop, "images", 2), stop=stop)
+
+    # Halfway through the rebuild, a new reader still finds the old rows with the old model.
+    with Retriever.open(config.out, device="cpu") as retriever:
+        assert [(h.id, h.path) for h in retriever.search_text("a dog", k=5)] == before
+    with pytest.raises(StoreError, match="a --rebuild is in progress; rerun it with --rebuild"):
+        build_index(config)
+
+    with Store.open(config.out) as store:
+        old = store.manifest.fingerprint
+    report = build_index(rebuild)
+    with Store.open(config.out) as store:
+        assert store.manifest.fingerprint == report.fingerprint != old
+        assert store.committed.rebuild is None
+    assert live(config.out, "images").num_rows == len(GOOD)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -32,7 +33,8 @@ from corpus import GOOD
 from stores import build_args, canonical
 from transformers import ViTImageProcessor
 
-from retrieval import Retriever, StoreError, durable
+from retrieval import Encoder, Retriever, StoreError, durable
+from retrieval.build.execute import LocalExecutor
 from retrieval.build.pipeline import BuildConfig, build_index
 from retrieval.build.verify import verify_index
 from retrieval.cli import index_app, run
@@ -536,22 +538,30 @@ def test_decode_fuzz(corpus: Path, tmp_path: Path, config: BuildConfig, towers: 
     fuzzed_build(corpus, tmp_path, config, towers, FUZZ_PER_FILE)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+def hangs_on_bmp(path: Path, *args: Any) -> Any:
+    """A decoder that never returns for a .bmp (module-level: workers of any start method load it)."""
+    if path.suffix == ".bmp":
+        time.sleep(3600)
+    return reader.decode_file(path, *args)
+
+
+@pytest.mark.parametrize(("workers", "start"), [(0, None), (1, "fork"), (1, "forkserver"), (1, "spawn")])
 def test_a_decoder_that_hangs_costs_only_its_file(
-    config: BuildConfig, monkeypatch: pytest.MonkeyPatch, workers: int
+    config: BuildConfig, workers: int, start: str | None
 ) -> None:
     """A file whose decoding never ends is stopped by the reader's time limit, in this process and
-    in a worker, and fails with the reason; the others are indexed."""
-    real = reader.decode_file
-
-    def hangs_on_bmp(path: Path, *args: object) -> object:
-        if path.suffix == ".bmp":
-            time.sleep(3600)
-        return real(path, *args)
-
-    monkeypatch.setattr(reader, "decode_file", hangs_on_bmp)
+    in a worker however workers start, and fails with the reason; the others are indexed."""
     started = time.monotonic()
-    build_index(BuildConfig(**{**vars(config), "workers": workers, "decode_timeout": 0.5}))
+    with Encoder.load(config.model, device="cpu") as encoder:
+        executor = LocalExecutor(
+            encoder,
+            config.images,
+            workers=workers,
+            decode_timeout=0.5,
+            decode=hangs_on_bmp,
+            start_method=start,
+        )
+        build_index(BuildConfig(**{**vars(config), "workers": workers}), encoder=encoder, executor=executor)
     assert time.monotonic() - started < 120
     with Store.open(config.out) as store:
         failed = {o.source: o.reason for o in store.outcomes("images") if o.status == "failed"}

@@ -22,9 +22,16 @@ import numpy as np
 import torch
 
 from retrieval.build.plan import CaptionInput, ImageInput, WorkItem
-from retrieval.ingest.reader import DecodedGroup, default_workers, read_images
+from retrieval.ingest.reader import (
+    DEFAULT_DECODE_TIMEOUT,
+    DecodedGroup,
+    Decoder,
+    default_workers,
+    read_images,
+)
 from retrieval.ingest.sources import ImageFile
 from retrieval.model.encoder import Encoder
+from retrieval.model.imaging import DEFAULT_MAX_PIXELS
 from retrieval.outcomes import Outcome
 from retrieval.progress import Progress
 from retrieval.store.folder import Store
@@ -112,14 +119,18 @@ class LocalExecutor:
         root: Path | None,
         *,
         workers: int | None = None,
-        max_pixels: int,
-        decode_timeout: float,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+        decode: Decoder | None = None,
+        start_method: str | None = None,
     ) -> None:
         self.encoder = encoder
         self.root = root
         self.workers = default_workers(workers)
         self.max_pixels = max_pixels
         self.decode_timeout = decode_timeout
+        self.decode = decode  # another decoder in place of ingest.reader.decode_file (module-level)
+        self.start_method = start_method  # how decoding workers start (default: the platform's)
 
     def run(
         self,
@@ -160,6 +171,8 @@ class LocalExecutor:
                 workers=self.workers,
                 max_pixels=self.max_pixels,
                 decode_timeout=self.decode_timeout,
+                decode=self.decode,
+                start_method=self.start_method,
             )
             for group in _until_stopped(groups, stop):
                 yield from run.take(group)

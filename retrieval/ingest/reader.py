@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = [
     "DecodeError",
     "DecodedGroup",
     "DecodedImage",
+    "Decoder",
     "decode_file",
     "default_workers",
     "read_images",
@@ -123,6 +124,9 @@ def decode_file(
     return digest, width, height, preprocess.to_pixels(rgb), reduced
 
 
+Decoder = Callable[[Path, ImagePreprocess, int], tuple[str, int, int, np.ndarray, bool]]
+
+
 class DecodeError(ValueError):
     """A file that cannot be used, with the reason code its outcome carries."""
 
@@ -166,6 +170,7 @@ class _GroupDataset(Dataset[DecodedGroup]):
         max_pixels: int,
         group: int,
         timeout: float,
+        decode: Decoder,
     ) -> None:
         self.root = root
         self.files = files
@@ -173,6 +178,7 @@ class _GroupDataset(Dataset[DecodedGroup]):
         self.max_pixels = max_pixels
         self.group = group
         self.timeout = timeout
+        self.decode = decode
 
     def __len__(self) -> int:
         return (len(self.files) + self.group - 1) // self.group
@@ -183,7 +189,7 @@ class _GroupDataset(Dataset[DecodedGroup]):
             file = self.files[index]
             try:
                 with _time_limit(self.timeout):
-                    sha, width, height, pixels, reduced = decode_file(
+                    sha, width, height, pixels, reduced = self.decode(
                         self.root / file.path, self.preprocess, self.max_pixels
                     )
             except _DecodeTimeout:
@@ -236,14 +242,18 @@ def read_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     ordered: bool = False,
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+    decode: Decoder | None = None,
+    start_method: str | None = None,
 ) -> Iterator[DecodedGroup]:
     """Decode ``files`` (relative to ``root``) in ``workers`` processes, groups in completion order.
 
     ``ordered=True`` yields the groups in file order instead (training batches must not depend on
     which worker finished first). ``workers=0`` decodes in this process, in order. A file that takes
-    longer than ``decode_timeout`` seconds (0: no limit) fails with that reason.
+    longer than ``decode_timeout`` seconds (0: no limit) fails with that reason. ``decode`` replaces
+    ``decode_file`` (a module-level function, so that workers started by any ``start_method`` --
+    fork, forkserver, spawn; default the platform's -- can import it).
     """
-    dataset = _GroupDataset(root, files, preprocess, max_pixels, group, decode_timeout)
+    dataset = _GroupDataset(root, files, preprocess, max_pixels, group, decode_timeout, decode or decode_file)
     if len(dataset) == 0:
         return
     if workers == 0:
@@ -258,5 +268,6 @@ def read_images(
         prefetch_factor=4,
         in_order=ordered,
         worker_init_fn=_ignore_interrupts,
+        multiprocessing_context=start_method,
     )
     yield from loader

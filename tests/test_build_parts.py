@@ -1,0 +1,196 @@
+"""The build's parts on their own, without a model: the planner, the committer, their ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from retrieval.build.commit import Committer, Target
+from retrieval.build.execute import ItemResult
+from retrieval.build.plan import CollectionView, ImageInput, WorkItem, plan_captions, plan_images, read_view
+from retrieval.ingest.sources import ImageFile
+from retrieval.model.fingerprint import ModelFingerprint
+from retrieval.outcomes import Outcome, Reason
+from retrieval.store.folder import Store
+from retrieval.store.manifest import CollectionState
+from retrieval.store.schema import ImageRow
+
+DIM = 4
+MODEL = {"fingerprint": ModelFingerprint("0" * 64, "text", "vision", "tokenizer", "pixels", DIM).to_dict()}
+
+
+def empty_view(next_id: int = 0) -> CollectionView:
+    rows = pa.table(
+        {
+            c: pa.array([], t)
+            for c, t in [
+                ("id", pa.int64()),
+                ("path", pa.string()),
+                ("sha256", pa.string()),
+                ("size", pa.int64()),
+                ("mtime_ns", pa.int64()),
+            ]
+        }
+    )
+    return CollectionView(CollectionState(next_id=next_id), rows, [], {})
+
+
+def files(n: int) -> list[ImageFile]:
+    return [ImageFile(f"{i:03d}.png", 100 + i, 1_000 + i) for i in range(n)]
+
+
+def never(path: str, sha: str) -> bool:
+    raise AssertionError("nothing here needs hashing")
+
+
+def test_the_planner_numbers_inputs_in_walk_order_and_cuts_items(tmp_path: Path) -> None:
+    plan = plan_images(files(10), tmp_path, empty_view(next_id=7), item_size=4, same_content=never)
+    assert [item.ids for item in plan.items] == [(7, 8, 9, 10), (11, 12, 13, 14), (15, 16)]
+    assert [x.path for x in plan.items[0].inputs] == ["000.png", "001.png", "002.png", "003.png"]
+    assert plan.next_id == 17 and plan.planned == 10 and plan.deleted == [] and plan.kept_ids == 0
+
+
+def test_the_planner_keeps_unchanged_rows_refreshes_touched_ones_and_deletes_the_rest(tmp_path: Path) -> None:
+    rows = pa.table(
+        {
+            "id": [0, 1, 2, 3],
+            "path": ["a.png", "b.png", "c.png", "gone.png"],
+            "sha256": ["sa", "sb", "sc", "sg"],
+            "size": [10, 20, 30, 40],
+            "mtime_ns": [1, 2, 3, 4],
+        }
+    )
+    state = CollectionState(next_id=4, root=str(tmp_path.resolve()))
+    view = CollectionView(state, rows, [], {})
+    walked = [
+        ImageFile("a.png", 10, 1),  # unchanged
+        ImageFile("b.png", 20, 99),  # touched: same size, same bytes
+        ImageFile("c.png", 30, 99),  # same size, other bytes
+        ImageFile("new.png", 50, 5),
+    ]
+    hashed = []
+
+    def same(path: str, sha: str) -> bool:
+        hashed.append(path)
+        return (path, sha) == ("b.png", "sb")
+
+    plan = plan_images(walked, tmp_path, view, item_size=10, same_content=same)
+    assert hashed == ["b.png", "c.png"]
+    assert plan.restat == {1: (20, 99)}
+    assert sorted(plan.deleted) == [2, 3]  # c changed, gone.png went
+    assert [(x.path, i) for item in plan.items for x, i in zip(item.inputs, item.ids, strict=True)] == [
+        ("c.png", 4),
+        ("new.png", 5),
+    ]
+
+
+def test_failures_are_retried_by_their_reason_code_not_their_wording(tmp_path: Path) -> None:
+    failed = [
+        Outcome("slow.png", "failed", "decode", "took long", Reason.TIMEOUT, 1, 1),
+        Outcome("bad.png", "failed", "decode", "cannot read: whatever the words", Reason.UNDECODABLE, 2, 2),
+        Outcome("locked.png", "failed", "decode", "no such words", Reason.UNREADABLE, 3, 3),
+    ]
+    view = CollectionView(empty_view().state, empty_view().rows, failed, {})
+    walked = [ImageFile("slow.png", 1, 1), ImageFile("bad.png", 2, 2), ImageFile("locked.png", 3, 3)]
+    plan = plan_images(walked, tmp_path, view, item_size=10, same_content=never)
+    assert sorted(x.path for item in plan.items for x in item.inputs) == ["locked.png", "slow.png"]
+    assert [o.source for o in plan.outcomes] == ["bad.png"]  # the content failed and did not change
+
+
+def test_caption_rows_keep_their_ids_where_they_read_the_same(tmp_path: Path) -> None:
+    source = tmp_path / "c.txt"
+    source.write_text("one\ntwo\nthree\n")
+    rows = pa.table(
+        {
+            "id": [0, 1, 2],
+            "source": [str(source)] * 3,
+            "row": [0, 1, 2],
+            "text": ["one", "TWO", "three"],
+            "image": [None, None, None],
+            "metadata": ["{}"] * 3,
+        }
+    )
+    view = CollectionView(CollectionState(next_id=3), rows, [], {})
+    plan = plan_captions(
+        [(str(source), source, None)], view, item_size=10, keep_sidecars=True, keep_files=False
+    )
+    assert plan.deleted == [1]
+    assert [
+        (x.record.text, i) for item in plan.items for x, i in zip(item.inputs, item.ids, strict=True)
+    ] == [("two", 3)]
+    assert set(plan.waiting) == {str(source)}
+
+
+def result_for(item: WorkItem, failing: str = "007.png") -> ItemResult:
+    """What an executor would return for an image item: a row per input (``failing`` fails)."""
+    result = ItemResult(item, complete=True)
+    for i, x in zip(item.ids, item.inputs, strict=True):
+        assert isinstance(x, ImageInput)
+        if x.path == failing:
+            result.outcomes.append(
+                Outcome(x.path, "failed", "decode", "bad", Reason.UNDECODABLE, x.size, x.mtime_ns)
+            )
+            continue
+        vector = np.zeros(DIM, dtype=np.float32)
+        vector[i % DIM] = 1.0
+        result.ids.append(i)
+        result.rows.append(ImageRow(x.path, f"sha-{x.path}", x.size, x.mtime_ns, 8, 8))
+        result.vectors.append(vector)
+        result.encoded += 1
+    return result
+
+
+def committed_rows(folder: Path) -> list[tuple[int, str]]:
+    with Store.open(folder, write=True) as store:
+        view = store.viewing(store.manifest)
+        rows = [t for _, t in view.live_rows("images", ["id", "path"])]
+    table = pa.concat_tables(rows).sort_by("id")
+    return list(zip(table.column("id").to_pylist(), table.column("path").to_pylist(), strict=True))
+
+
+def run_items(folder: Path, images: Path, order: list[int], stop_after: int | None = None) -> None:
+    with Store.open(folder, write=True) as store:
+        target = Target(store, MODEL, rebuild=False)
+        plan = plan_images(
+            files(10), images, read_view(target.view(), "images"), item_size=3, same_content=never
+        )
+        committer = Committer(target)
+        committer.begin(plan)
+        by_number = {item.number: item for item in plan.items}
+        for count, number in enumerate(order):
+            if number not in by_number:
+                continue
+            if stop_after is not None and count == stop_after:
+                return  # killed: the rest is never committed
+            committer.add(result_for(by_number[number]))
+        committer.end("images")
+
+
+@pytest.mark.parametrize("order", [[3, 1, 0, 2], [2, 3, 0, 1]])
+def test_results_committed_in_any_order_keep_the_planned_ids(tmp_path: Path, order: list[int]) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    run_items(tmp_path / "in-order", images, [0, 1, 2, 3])
+    run_items(tmp_path / "shuffled", images, order)
+    assert committed_rows(tmp_path / "shuffled") == committed_rows(tmp_path / "in-order")
+    assert len(committed_rows(tmp_path / "in-order")) == 9  # one input of item 2 failed
+
+
+def test_a_build_killed_between_out_of_order_commits_resumes_with_the_planned_ids(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    run_items(tmp_path / "clean", images, [0, 1, 2, 3])
+    killed = tmp_path / "killed"
+    run_items(killed, images, [3, 1, 0, 2], stop_after=2)  # items 3 and 1 committed, then killed
+    partial = committed_rows(killed)
+    assert [i for i, _ in partial] == [3, 4, 5, 9]
+    with Store.open(killed, write=True) as store:
+        view = read_view(store.viewing(store.manifest), "images")
+        assert len(view.reserved) == 6  # items 0 and 2, planned and not committed
+        plan = plan_images(files(10), images, view, item_size=3, same_content=never)
+        assert plan.kept_ids == 6 and [x.path for item in plan.items for x in item.inputs][:1] == ["000.png"]
+    run_items(killed, images, [0, 1])  # the rerun's own items: the planned ones left over
+    assert committed_rows(killed) == committed_rows(tmp_path / "clean")
