@@ -38,8 +38,8 @@ _EXPORTS = {
     "EvalConfig": "retrieval.evaluation.protocol",
     "EvalReport": "retrieval.evaluation.protocol",
     "evaluate": "retrieval.evaluation.protocol",
-    "TrainConfig": "retrieval.training.loop",
-    "TrainReport": "retrieval.training.loop",
+    "TrainConfig": "retrieval.training.config",
+    "TrainReport": "retrieval.training.config",
     "train": "retrieval.training.loop",
 }
 
@@ -99,7 +99,8 @@ if TYPE_CHECKING:
     from retrieval.model.spec import ModelSpec
     from retrieval.search.retriever import Hit, Retriever
     from retrieval.store.folder import Store
-    from retrieval.training.loop import TrainConfig, TrainReport, train
+    from retrieval.training.config import TrainConfig, TrainReport
+    from retrieval.training.loop import train
 
 
 def __getattr__(name: str) -> Any:

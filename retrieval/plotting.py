@@ -1,7 +1,8 @@
 """Small PNG charts: recall@K curves of an evaluation, and the curves of a training run.
 
-matplotlib is imported on first use with its file-only backend: nothing opens a window, and
-importing this module costs nothing.
+Figures are made with matplotlib's object API and drawn by its Agg canvas: no pyplot, no
+backend chosen for the process (a caller's own plots are left as they are), nothing opens a
+window, and importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -19,20 +20,20 @@ __all__ = ["recall_curves", "training_curves"]
 _TITLES = {"text_to_image": "text → image", "image_to_text": "image → text"}
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(columns: int, size: tuple[float, float]) -> tuple[Any, list[Any]]:
+    """A figure of ``columns`` panels, on an Agg canvas of its own."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, columns, squeeze=False)[0]
+    return fig, list(axes)
 
 
 def recall_curves(directions: Sequence[Any], path: Path) -> None:
     """One panel per direction: recall@K against K (log scale), a line per search method."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, max(1, len(directions)), figsize=(5 * max(1, len(directions)), 3.6))
-    axes = list(axes) if len(directions) > 1 else [axes]
+    fig, axes = _figure(max(1, len(directions)), (5 * max(1, len(directions)), 3.6))
     for ax, direction in zip(axes, directions, strict=False):
         for method in direction.methods:
             ks = sorted(int(k) for k in method.curve)
@@ -46,15 +47,14 @@ def recall_curves(directions: Sequence[Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def training_curves(
     steps: Sequence[Mapping[str, Any]], epochs: Sequence[Mapping[str, Any]], path: Path
 ) -> None:
     """Loss (per step, and validation per epoch), temperature and learning rate against the step."""
-    plt = _pyplot()
-    fig, (loss_ax, temp_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, (loss_ax, temp_ax, lr_ax) = _figure(3, (14, 3.6))
     x = [s["step"] for s in steps]
     loss_ax.plot(x, [s["loss"] for s in steps], linewidth=0.8, alpha=0.5, label="train (step)")
     if len(steps) >= 10:  # a moving average reads better than the raw, noisy per-step loss
@@ -77,11 +77,8 @@ def training_curves(
     for ax in (loss_ax, temp_ax, lr_ax):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
-def _save(plt: Any, fig: Any, path: Path) -> None:
-    try:
-        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+def _save(fig: Any, path: Path) -> None:
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -18,9 +18,10 @@ from PIL import Image
 from retrieval import Encoder, ModelSpec, MultiModalEncoder, durable, load_checkpoint
 from retrieval.durable import CRASH_ENV
 from retrieval.errors import CheckpointError, ConfigError
+from retrieval.model.runtime import resolve_runtime
 from retrieval.progress import Silent
 from retrieval.training.data import random_crops
-from retrieval.training.loop import TrainConfig, _Run, clip_loss, train
+from retrieval.training.loop import TrainConfig, _Trainer, clip_loss, train
 
 WORDS = "red blue green black white dog cat bird car tree house sun moon road sky".split()
 
@@ -312,7 +313,7 @@ def test_frozen_text_states_equal_running_the_tower(
     pairs: Path, towers: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """A frozen text tower's [CLS] states are computed once; the loss is the one the tower gives."""
-    run = _Run(config(pairs, towers, tmp_path, freeze_text=True), Silent())
+    run = _Trainer(config(pairs, towers, tmp_path, freeze_text=True), resolve_runtime("cpu"), Silent())
     assert run.data in run.text_states
     batch = next(run.data.batches([np.arange(8)]))
     run.model.eval()

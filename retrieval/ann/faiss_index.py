@@ -11,6 +11,8 @@ oracle. Scores are inner products of unit vectors: cosine similarities.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,6 +135,37 @@ def sample_vectors(store: Store, collection: str, size: int, rng: np.random.Gene
     return np.ascontiguousarray(np.concatenate(picked))
 
 
+class _BatchedBlas:
+    """FAISS switches exact search to BLAS only from ``distance_compute_blas_threshold`` queries
+    (500 at d=256 by default); batched queries from a pipeline are usually fewer, and BLAS is several
+    times faster for them. The threshold is one value for the whole process, so it is lowered only
+    while an engine search runs (counted across threads) and restored when the last one ends."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.lock = threading.Lock()
+        self.active = 0
+        self.saved = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.lock:
+            if self.active == 0:
+                self.saved = faiss.cvar.distance_compute_blas_threshold
+                faiss.cvar.distance_compute_blas_threshold = min(self.saved, self.threshold)
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+                if self.active == 0:
+                    faiss.cvar.distance_compute_blas_threshold = self.saved
+
+
+batched_blas = _BatchedBlas(16)
+
+
 class SearchIndex:
     """A loaded FAISS index with its tuned parameter; ``search`` takes an optional id allow-list."""
 
@@ -151,7 +184,8 @@ class SearchIndex:
         """(n, D) float32 -> ids (n, k) int64 (-1 where fewer hits), scores (n, k) float32."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         params = self._params(allow_ids, self.value if value is None else value)
-        scores, ids = self.index.search(queries, k, params=params)
+        with batched_blas():
+            scores, ids = self.index.search(queries, k, params=params)
         return ids.astype(np.int64, copy=False), scores
 
     def _params(self, allow_ids: np.ndarray | None, value: int | None) -> faiss.SearchParameters | None:

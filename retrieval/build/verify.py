@@ -29,7 +29,6 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from retrieval.ann.faiss_index import index_ids
 from retrieval.durable import TMP_MARKER
@@ -225,18 +224,15 @@ def _read_file(store: Store, ref: FileRef, report: VerifyReport) -> bytes | None
 
 
 def _read_table(store: Store, ref: FileRef, report: VerifyReport) -> pa.Table | None:
+    """The file as a table, parsed the way every reader parses it (``Store.parse_table``)."""
     data = _read_file(store, ref, report)
     if data is None:
         return None
     try:
-        table = pq.read_table(pa.BufferReader(data))
-    except Exception as e:  # the hash matched, so the writer itself wrote something unreadable
-        report.problems.append(f"{ref.file}: unreadable Parquet ({e})")
+        return store.parse_table(ref, data)
+    except StoreError as e:
+        report.problems.append(str(e).replace(f"{store.folder}/", ""))
         return None
-    if table.num_rows != ref.rows:
-        report.problems.append(f"{ref.file}: {table.num_rows} rows, the manifest says {ref.rows}")
-        return None
-    return table
 
 
 def _check_shard_metadata(

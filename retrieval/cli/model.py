@@ -89,8 +89,9 @@ def classify(
     labels: Annotated[str | None, typer.Option("--labels", help="Comma-separated labels.")] = None,
     labels_file: Annotated[Path | None, typer.Option("--labels-file", help="A label per line.")] = None,
     template: Annotated[
-        str, typer.Option("--template", help="Prompt; {} is the label.")
-    ] = "a photo of a {}.",
+        list[str] | None,
+        typer.Option("--template", help="Prompt, {} is the label; repeatable (the prompts are averaged)."),
+    ] = None,
     top: Annotated[int, typer.Option("--top", help="Labels shown per image.")] = 5,
     index: ModelIndexOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -102,6 +103,7 @@ def classify(
 ) -> None:
     """Zero-shot classification: rank labels for each image, with softmax probabilities."""
     from retrieval.errors import ConfigError
+    from retrieval.model.zeroshot import DEFAULT_TEMPLATE
     from retrieval.model.zeroshot import classify as zero_shot
 
     if (labels is None) == (labels_file is None):
@@ -109,7 +111,7 @@ def classify(
     names = labels.split(",") if labels is not None else labels_file.read_text(encoding="utf-8").splitlines()  # type: ignore[union-attr]
     paths = model_paths(checkpoint, text_model, vision_model, trust_checkpoint)
     with open_encoder(index, paths, device) as encoder:
-        ranked = zero_shot(encoder, images, names, template)
+        ranked = zero_shot(encoder, images, names, tuple(template or [DEFAULT_TEMPLATE]))
     result = [
         {"image": str(path), "labels": [vars(s) for s in scores[:top]]}
         for path, scores in zip(images, ranked, strict=True)

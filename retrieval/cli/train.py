@@ -91,7 +91,7 @@ def train(
 ) -> None:
     """Contrastive training (symmetric InfoNCE, AdamW) that writes and resumes seed-format checkpoints."""
     from retrieval.errors import ConfigError
-    from retrieval.training.loop import TrainConfig
+    from retrieval.training.config import TrainConfig
     from retrieval.training.loop import train as run_training
 
     if schedule not in ("constant", "cosine"):

@@ -31,6 +31,7 @@ from retrieval.evaluation.metrics import RankSummary, exact_scan, gold_matrix, r
 from retrieval.evaluation.sets import EvalSet, from_index, from_pairs
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec
+from retrieval.model.zeroshot import label_vectors
 from retrieval.outcomes import Outcome
 from retrieval.progress import Progress, Silent
 
@@ -297,11 +298,7 @@ def _zero_shot(s: EvalSet, templates: Sequence[str]) -> ZeroShotResult:
     names = sorted(set(label_of.values()))
     if len(names) < 2:
         raise InputError(f"zero-shot needs at least two distinct labels, found {len(names)}")
-    if not templates or any("{}" not in t for t in templates):
-        raise ConfigError("every prompt template needs a {} where the label goes")
-    prompts = s.encode_texts([t.format(name) for name in names for t in templates])
-    classes = prompts.reshape(len(names), len(templates), -1).mean(axis=1)  # (L, D), prompt ensemble
-    classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+    classes = label_vectors(s.encode_texts, names, templates)  # (L, D), the same path as classify
     vectors = s.image_vectors[labelled]  # (N, D)
     position = {name: c for c, name in enumerate(names)}
     truth = np.array([position[label_of[i]] for i in labelled])  # (N,)

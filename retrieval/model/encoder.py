@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,7 +57,9 @@ def load_model(spec: ModelSpec, checkpoint_sha256: str | None = None) -> tuple[M
 class Encoder:
     """Batched text and image encoding with one model on one device.
 
-    Use as a context manager or call ``close()`` to stop the preprocessing threads.
+    Safe to use from several threads at once: the model is put in eval mode once, and inference
+    mode and autocast are per thread. Use as a context manager or call ``close()`` to stop the
+    preprocessing threads.
     """
 
     def __init__(
@@ -70,7 +73,7 @@ class Encoder:
         threads: int | None = None,
     ) -> None:
         self.runtime = runtime or resolve_runtime()
-        self.model = model.to(self.runtime.device)
+        self.model = model.to(self.runtime.device).eval()  # an encoder only infers: eval mode, once
         self.preprocess = ImagePreprocess.from_processor(model.image_processor)
         self.text_batcher = TextBatcher.for_model(model)
         self.fingerprint = fingerprint
@@ -81,6 +84,7 @@ class Encoder:
         self.image_batch_size = _positive(image_batch_size, 256 if on_gpu else 16, "image batch size")
         self.threads = _positive(threads, min(32, os.cpu_count() or 1), "threads")
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -197,30 +201,29 @@ class Encoder:
         return self.preprocess.to_pixels(rgb)
 
     def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="retrieval-prep")
-        return self._pool
+        with self._pool_lock:  # two threads encoding at once must not make two pools
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="retrieval-prep")
+            return self._pool
 
     # -- plumbing -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode(), self.runtime.autocast():
-                yield
-        finally:
-            self.model.train(was_training)
+        # The model stays in eval mode (set once, in __init__): switching modes per call would race
+        # between threads. inference_mode and autocast are per thread.
+        with torch.inference_mode(), self.runtime.autocast():
+            yield
 
     @staticmethod
     def _to_numpy(features: torch.Tensor) -> np.ndarray:
         return features.float().cpu().numpy()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> Encoder:
         return self

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -41,9 +40,6 @@ from retrieval.store.manifest import Manifest
 __all__ = ["BUILT_IN_FIELDS", "Hit", "Retriever", "Target", "parse_where", "user_fields"]
 
 Target = Literal["images", "captions"]
-# FAISS switches exact search to BLAS only from this many queries (500 at d=256 by default);
-# batched queries from a pipeline are usually fewer, and BLAS is several times faster for them.
-_BLAS_THRESHOLD = 16
 _ROW_COLUMNS = {
     "images": ["id", "path", "sha256", "size", "width", "height", "flags"],
     "captions": ["id", "text", "source", "row", "image", "sha256", "flags", "metadata"],
@@ -96,9 +92,6 @@ class Retriever:
         self._encoder = encoder
         self._indexes: dict[str, SearchIndex] = {}
         self._rows: dict[str, _Rows] = {}
-        faiss.cvar.distance_compute_blas_threshold = min(
-            faiss.cvar.distance_compute_blas_threshold, _BLAS_THRESHOLD
-        )
 
     @classmethod
     def open(

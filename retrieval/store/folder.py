@@ -181,7 +181,11 @@ class Store:
         return data
 
     def read_table(self, ref: FileRef, columns: Sequence[str] | None = None) -> pa.Table:
-        data = self.read_file(ref)
+        """A Parquet file of the store, hash-checked before it is parsed, its rows counted."""
+        return self.parse_table(ref, self.read_file(ref), columns)
+
+    def parse_table(self, ref: FileRef, data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
+        """``data``, the checked bytes of ``ref``, as a table of the recorded number of rows."""
         try:
             table = pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
         except Exception as e:
