@@ -26,6 +26,7 @@ __all__ = [
     "file_sha256",
     "fsync_dir",
     "read_count",
+    "stat_key",
     "write_count",
 ]
 
@@ -44,6 +45,16 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def stat_key(path: Path) -> list[int] | None:
+    """(size, mtime_ns, ctime_ns, inode) of ``path``, None if it cannot be stat'ed. While equal, the
+    file has not been written, replaced or touched (a rename or a copy changes the ctime or inode)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
 
 
 def fsync_dir(folder: Path) -> None:

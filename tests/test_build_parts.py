@@ -10,7 +10,15 @@ import pytest
 
 from retrieval.build.commit import Committer, Target
 from retrieval.build.execute import ItemResult
-from retrieval.build.plan import CollectionView, ImageInput, WorkItem, plan_captions, plan_images, read_view
+from retrieval.build.plan import (
+    CollectionView,
+    ImageInput,
+    WorkItem,
+    plan_captions,
+    plan_images,
+    read_source,
+    read_view,
+)
 from retrieval.ingest.sources import ImageFile
 from retrieval.model.fingerprint import ModelFingerprint
 from retrieval.outcomes import Outcome, Reason
@@ -111,6 +119,8 @@ def test_caption_rows_keep_their_ids_where_they_read_the_same(tmp_path: Path) ->
             "text": ["one", "TWO", "three"],
             "image": [None, None, None],
             "metadata": ["{}"] * 3,
+            "size": [14] * 3,
+            "mtime_ns": [1] * 3,
         }
     )
     view = CollectionView(CollectionState(next_id=3), rows, [], {})
@@ -122,6 +132,62 @@ def test_caption_rows_keep_their_ids_where_they_read_the_same(tmp_path: Path) ->
         (x.record.text, i) for item in plan.items for x, i in zip(item.inputs, item.ids, strict=True)
     ] == [("two", 3)]
     assert set(plan.waiting) == {str(source)}
+
+
+def test_a_sidecar_stays_in_one_item_and_is_done_by_its_rows(tmp_path: Path) -> None:
+    names = ["a", "b", "c"]
+    for name in names:
+        (tmp_path / f"{name}.txt").write_text("".join(f"{name} caption {k}\n" for k in range(5)))
+    sources = [(f"{n}.txt", tmp_path / f"{n}.txt", f"{n}.png") for n in names]
+    empty = pa.table(
+        {
+            c: pa.array([], t)
+            for c, t in [
+                ("id", pa.int64()),
+                ("source", pa.string()),
+                ("row", pa.int64()),
+                ("text", pa.string()),
+                ("image", pa.string()),
+                ("metadata", pa.string()),
+                ("size", pa.int64()),
+                ("mtime_ns", pa.int64()),
+            ]
+        }
+    )
+    view = CollectionView(CollectionState(), empty, [], {})
+    plan = plan_captions(sources, view, item_size=4, keep_sidecars=False, keep_files=True)
+    # Items of at least 4 rows, cut only between sidecars: 5 + 5 + 5 rows.
+    assert [len(item.ids) for item in plan.items] == [5, 5, 5]
+    assert plan.waiting == {} and plan.sources == {}  # sidecars are not tracked in the manifest
+    stats = (tmp_path / "a.txt").stat()
+    rows = pa.table(
+        {
+            "id": list(range(5)),
+            "source": ["a.txt"] * 5,
+            "row": list(range(5)),
+            "text": [f"a caption {k}" for k in range(5)],
+            "image": ["a.png"] * 5,
+            "metadata": ["{}"] * 5,
+            "size": [stats.st_size] * 5,
+            "mtime_ns": [stats.st_mtime_ns] * 5,
+        }
+    )
+    read: list[str] = []
+
+    def reader(path: Path, source: str, image: str | None) -> list:  # type: ignore[type-arg]
+        read.append(source)
+        return list(read_source(path, source, image))
+
+    again = plan_captions(
+        sources,
+        CollectionView(CollectionState(next_id=5), rows, [], {}),
+        item_size=4,
+        keep_sidecars=False,
+        keep_files=True,
+        read=reader,
+    )
+    assert read == ["b.txt", "c.txt"]  # a.txt's rows carry its current stats: not read again
+    assert [i for item in again.items for i in item.ids] == list(range(5, 15))
 
 
 def result_for(item: WorkItem, failing: str = "007.png") -> ItemResult:

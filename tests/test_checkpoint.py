@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -205,3 +206,31 @@ def test_malformed_checkpoints(tmp_path: Path, obj: object, pattern: str) -> Non
     torch.save(obj, path)
     with pytest.raises(CheckpointError, match=pattern):
         load_checkpoint(path)
+
+
+def test_a_recorded_hash_is_trusted_only_while_the_file_is_unchanged(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from retrieval.durable import file_sha256, stat_key
+    from retrieval.model import checkpoint as module
+    from retrieval.model.checkpoint import KnownHash
+
+    checkpoint = Path(shutil.copy(checkpoint, tmp_path / "copy.pt"))
+    real = file_sha256(checkpoint)
+    same = load_checkpoint(checkpoint, known=KnownHash("0" * 64, stat_key(checkpoint) or []))
+    assert same.sha256 == "0" * 64 and same.stat == stat_key(checkpoint)  # unchanged: not hashed again
+    other = load_checkpoint(checkpoint, known=KnownHash("0" * 64, [1, 2, 3, 4]))
+    assert other.sha256 == real  # its stats differ from the recorded ones: hashed
+
+    read = module._read
+
+    def replaced_meanwhile(path: Path, trust: bool) -> object:
+        value = read(path, trust)
+        os.utime(path, ns=(1, 2))  # a training run saving over it
+        return value
+
+    monkeypatch.setattr(module, "_read", replaced_meanwhile)
+    with pytest.raises(CheckpointError, match="changed while it was being read"):
+        load_checkpoint(checkpoint)

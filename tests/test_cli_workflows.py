@@ -346,6 +346,11 @@ def test_commands_take_the_model_from_the_index_and_follow_it_when_it_moves(
         str(_other_checkpoint(tmp_path, towers)),
     )
     assert other.returncode == 2 and "another model" in other.stderr
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image,caption\nimages/a.png,a dog\nimages/b.png,a cat\n")
+    moved_flag = ["--checkpoint", str(tmp_path / "moved/model.pt")]
+    evaluated = cli("retrieval", "eval", "--index", str(out), "--pairs", str(pairs), *moved_flag)
+    assert evaluated.returncode == 0, evaluated.stderr  # eval --index takes the flags too
     found = cli(
         "search", "text", "a dog", "--index", str(out), "--checkpoint", str(tmp_path / "moved/model.pt")
     )
@@ -461,3 +466,41 @@ def test_ivfpq_on_a_small_collection_is_sized_and_quiet(tmp_path: Path, model: l
     result = build(None, tmp_path / "j", model, "--captions", str(bigger), "--index-type", "ivfpq")
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert "captions index ivfpq" in result.stdout
+
+
+def test_a_rerun_needs_no_model_flags(tmp_path: Path, model: list[str]) -> None:
+    images = pictures(tmp_path / "images", ["a.png"])
+    out = tmp_path / "index"
+    assert build(images, out, model).returncode == 0
+    pictures(images, ["b.png"], seed=3)
+    again = cli("index", "build", str(images), "--out", str(out), "--workers", "1", "--json")
+    assert report(again)["images"]["added"] == 1  # the index's own model, found from its record
+
+
+def test_where_path_takes_dot_slash_and_symlinked_paths(catalog: Path) -> None:
+    root = catalog.parent
+    (root / "link").symlink_to(root / "images", target_is_directory=True)
+    with Retriever.open(catalog) as retriever:
+        for value in ("./images/flag/a.png", str(root / "link" / "flag" / "a.png")):
+            old = os.getcwd()
+            os.chdir(root)
+            try:
+                ids = retriever.filter_ids("images", [("path", "=", value)])
+            finally:
+                os.chdir(old)
+            assert len(ids) == 1, value
+
+
+def test_a_read_only_index_is_searched_without_remembering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from retrieval.model.spec import ModelSpec
+    from retrieval.store import location
+
+    def read_only(folder: Path, write: bool = False) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(location.Store, "open", read_only)
+    assert location.remember_model(tmp_path, ModelSpec(), None) is False

@@ -422,3 +422,19 @@ def test_a_rebuild_keeps_the_old_index_searchable_until_it_is_done(
         assert store.manifest.fingerprint == report.fingerprint != old
         assert store.committed.rebuild is None
     assert live(config.out, "images").num_rows == len(GOOD)
+
+
+def test_index_info_counts_rows_that_wait_for_their_index(config: BuildConfig, corpus: Path) -> None:
+    build_index(config)
+    for k in range(12):
+        Image.fromarray(np.full((20, 20, 3), 10 * k, dtype=np.uint8)).save(corpus / f"more-{k}.png")
+    stop = threading.Event()
+    with pytest.raises(BuildInterrupted):
+        build_index(
+            BuildConfig(**{**vars(config), "batch_size": 2}),
+            progress=_StopAfter(stop, "images", 2),
+            stop=stop,
+        )
+    with Store.open(config.out) as store:
+        images = store.describe()["collections"]["images"]
+    assert images["awaiting_index"] and images["searchable"] == len(GOOD) < images["indexed"]

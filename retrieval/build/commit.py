@@ -230,7 +230,7 @@ class Committer:
             current = state.index
             if (
                 current is not None
-                and current.source == source
+                and state.index_current
                 and config.kind in ("auto", current.kind, current.requested)
             ):
                 continue
@@ -262,11 +262,11 @@ class Committer:
         wanted = np.fromiter(updates, dtype=np.int64)
         shards = list(state.shards)
         for position, ref in enumerate(shards):
+            if not np.isin(self.store.read_ids(ref), wanted).any():
+                continue  # only the ids read: most shards hold no touched file
             table = self.store.read_table(ref)
             ids = table.column("id").to_numpy()
             hit = np.isin(ids, wanted)
-            if not hit.any():
-                continue
             size = table.column("size").to_numpy().copy()
             mtime = table.column("mtime_ns").to_numpy().copy()
             for k in np.flatnonzero(hit):

@@ -62,7 +62,10 @@ def build_index(
         try:
             if encoder.fingerprint is None:
                 raise ConfigError("the encoder has no model fingerprint: load it with Encoder.load")
-            record = model_record(encoder.spec or config.model, store.folder, encoder.fingerprint.to_dict())
+            stat = encoder.source.stat if encoder.source else None
+            record = model_record(
+                encoder.spec or config.model, store.folder, encoder.fingerprint.to_dict(), stat
+            )
             target = Target(store, record, rebuild=config.rebuild)
             executor = executor or LocalExecutor(
                 encoder,

@@ -48,7 +48,7 @@ __all__ = [
 
 _VIEW_COLUMNS = {
     "images": ["id", "path", "sha256", "size", "mtime_ns"],
-    "captions": ["id", "source", "row", "text", "image", "metadata"],
+    "captions": ["id", "source", "row", "text", "image", "metadata", "size", "mtime_ns"],
 }
 
 
@@ -271,19 +271,26 @@ def plan_captions(
     """
     state = view.state
     rows_of: dict[str, dict[int, tuple[int, tuple[Any, ...]]]] = {}
-    columns = ("id", "source", "row", "text", "image", "metadata")
-    for i, source, row, text, image, metadata in zip(
+    stats_of: dict[str, set[tuple[int, int]]] = {}  # the file stats each source's rows were read with
+    columns = ("id", "source", "row", "text", "image", "metadata", "size", "mtime_ns")
+    for i, source, row, text, image, metadata, size, mtime in zip(
         *(view.rows.column(c).to_pylist() for c in columns), strict=True
     ):
         rows_of.setdefault(source, {})[row] = (i, (text, image, metadata))
+        stats_of.setdefault(source, set()).add((size, mtime))
+    outcomes_of: dict[str, list[Outcome]] = {}
+    for o in view.outcomes:
+        outcomes_of.setdefault(o.parent or o.source, []).append(o)
 
     outcomes: list[Outcome] = []
     planned: list[CaptionInput] = []
     stale: list[int] = []
     present: set[str] = set()
-    wanted = {name for name, _, _ in sources}
-    done = {k: v for k, v in state.sources.items() if k in wanted}
-    last_of: dict[str, tuple[int, list[int]]] = {}  # source -> (its last planned position, stats)
+    files = {name for name, _, image in sources if image is None}
+    # Caption files span items: one is done once every item holding its rows is committed
+    # (``sources``). A sidecar's rows always share an item, so its rows' stats say it is done.
+    done = {k: v for k, v in state.sources.items() if k in files}
+    last_of: dict[str, tuple[int, list[int]]] = {}  # caption file -> (its last planned position, stats)
     for source, path, image in sources:
         present.add(source)
         existing = rows_of.get(source, {})
@@ -296,8 +303,10 @@ def plan_captions(
             done.pop(source, None)
             continue
         stats = [info.st_size, info.st_mtime_ns]
-        if done.get(source) == stats:
-            outcomes.extend(o for o in view.outcomes if (o.parent or o.source) == source)
+        seen = stats_of.get(source, set()) | {(o.size, o.mtime_ns) for o in outcomes_of.get(source, [])}
+        finished = done.get(source) == stats if image is None else seen == {(stats[0], stats[1])}
+        if finished:
+            outcomes.extend(outcomes_of.get(source, []))
             continue
         done.pop(source, None)
         kept: set[int] = set()
@@ -312,6 +321,8 @@ def plan_captions(
                 continue
             planned.append(CaptionInput(record, metadata, stats[0], stats[1]))
         stale.extend(i for row, (i, _) in existing.items() if row not in kept)
+        if image is not None:
+            continue
         if planned and planned[-1].record.source == source:
             last_of[source] = (len(planned) - 1, stats)
         else:
@@ -326,17 +337,22 @@ def plan_captions(
         )
     }
     present |= carried
-    outcomes.extend(o for o in view.outcomes if (o.parent or o.source) in carried)
-    done.update({k: v for k, v in state.sources.items() if k in carried})
+    outcomes.extend(o for source in carried for o in outcomes_of.get(source, []))
+    done.update({k: v for k, v in state.sources.items() if k in carried and Path(k).is_absolute()})
     stale.extend(i for source, rows in rows_of.items() if source not in present for i, _ in rows.values())
 
-    items, next_id, kept_ids = _items("captions", planned, view, item_size)
-    # A source spans items; it is done once every item holding one of its rows is committed.
+    # A sidecar's rows stay together in one item; a caption file's may be cut anywhere.
+    units = [
+        k == 0 or x.record.image is None or x.record.source != planned[k - 1].record.source
+        for k, x in enumerate(planned)
+    ]
+    items, next_id, kept_ids = _items("captions", planned, view, item_size, units)
     item_of = [item.number for item in items for _ in item.ids]
     waiting: dict[str, tuple[set[int], list[int]]] = {}
     for position, planned_input in enumerate(planned):
         source = planned_input.record.source
-        waiting.setdefault(source, (set(), last_of[source][1]))[0].add(item_of[position])
+        if source in last_of:
+            waiting.setdefault(source, (set(), last_of[source][1]))[0].add(item_of[position])
     return CollectionPlan(
         "captions", items, stale, {}, outcomes, next_id, sources=done, waiting=waiting, kept_ids=kept_ids
     )
@@ -346,9 +362,14 @@ def plan_captions(
 
 
 def _items(
-    collection: str, planned: Sequence[Input], view: CollectionView, size: int
+    collection: str,
+    planned: Sequence[Input],
+    view: CollectionView,
+    size: int,
+    starts: Sequence[bool] | None = None,
 ) -> tuple[list[WorkItem], int, int]:
-    """Give each planned input its id (reserved earlier, else the next free one) and cut items."""
+    """Give each planned input its id (reserved earlier, else the next free one) and cut items of
+    ``size`` inputs, only where ``starts`` allows (an item may grow past ``size`` to keep a unit whole)."""
     reserved = dict(view.reserved)
     next_id = view.state.next_id
     ids, kept = [], 0
@@ -359,9 +380,14 @@ def _items(
         else:
             kept += 1
         ids.append(reused)
+    cuts = [0]
+    for k in range(1, len(planned)):
+        if k - cuts[-1] >= size and (starts is None or starts[k]):
+            cuts.append(k)
+    bounds = list(zip(cuts, [*cuts[1:], len(planned)], strict=True)) if planned else []
     items = [
-        WorkItem(collection, number, tuple(ids[start : start + size]), tuple(planned[start : start + size]))
-        for number, start in enumerate(range(0, len(planned), size))
+        WorkItem(collection, number, tuple(ids[a:b]), tuple(planned[a:b]))
+        for number, (a, b) in enumerate(bounds)
     ]
     return items, next_id, kept
 

@@ -83,7 +83,7 @@ def open_encoder(index: Path | None, paths: Any, device: str, precision: str = "
         raise StoreError(f"{index} has no committed state")
     encoder = load_index_encoder(index, manifest, paths, device=device, precision=precision)
     if paths.given and encoder.spec is not None:
-        remember_model(index, encoder.spec)
+        remember_model(index, encoder.spec, encoder.source.stat if encoder.source else None)
     return encoder
 
 

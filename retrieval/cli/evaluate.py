@@ -65,11 +65,13 @@ def evaluate(
         ks = tuple(sorted({int(x) for x in k.split(",") if x.strip()}))
     except ValueError as e:
         raise ConfigError(f"-k takes comma-separated integers, got {k!r}") from e
+    paths = model_paths(checkpoint, text_model, vision_model, trust_checkpoint)
     config = EvalConfig(
         pairs=pairs,
         index=index,
         images_root=images_root,
-        model=model_paths(checkpoint, text_model, vision_model, trust_checkpoint).over(),
+        model=paths.over(),
+        index_model=paths,
         labels_column=labels_column,
         ks=ks,
         templates=tuple(template) if template else DEFAULT_TEMPLATES,

@@ -72,12 +72,14 @@ def index_build(
     from retrieval.ann.faiss_index import IndexConfig
     from retrieval.build.pipeline import BuildConfig, build_index
     from retrieval.errors import BuildInterrupted
+    from retrieval.store.location import index_model
 
     config = BuildConfig(
         out=out,
         images=images,
         captions=tuple(captions or ()),
-        model=model_paths(checkpoint, text_model, vision_model, trust_checkpoint).over(),
+        # Flags not given: the model the index already has (a rerun needs none), else the defaults.
+        model=model_paths(checkpoint, text_model, vision_model, trust_checkpoint).over(index_model(out)),
         device=device,
         precision=precision,
         batch_size=batch_size,
@@ -151,10 +153,11 @@ def _stopped(report: Any, as_json: bool, signum: int) -> NoReturn:
     """What an interrupted build committed and how to finish it; exit 130 (SIGINT) or 143 (SIGTERM)."""
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
-    counts = ", ".join(
-        f"{name} {c.indexed} indexed ({c.added} new this run)" for name, c in report.collections.items()
-    )
-    again = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    changed = {name: c for name, c in report.collections.items() if c.added or c.deleted or c.refreshed}
+    counts = ", ".join(f"{name} {c.indexed} indexed ({c.added} new this run)" for name, c in changed.items())
+    program = Path(sys.argv[0]).name
+    command = ["python", sys.argv[0]] if program.endswith(".py") else [program]
+    again = shlex.join([*command, *sys.argv[1:]])
     state = f"{counts} committed, not yet searchable" if counts else "nothing new committed"
     typer.echo(f"interrupted: {report.out}: {state}: rerun `{again}` to finish", err=True)
     raise SystemExit(128 + signum)

@@ -34,6 +34,7 @@ from retrieval.model.spec import ModelSpec
 from retrieval.model.zeroshot import label_vectors
 from retrieval.outcomes import Outcome
 from retrieval.progress import Progress, Silent
+from retrieval.store.location import ModelPaths
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -59,6 +60,7 @@ class EvalConfig:
     index: Path | None = None
     images_root: Path | None = None  # relative image paths in ``pairs`` (default: the file's folder)
     model: ModelSpec = field(default_factory=ModelSpec)  # used without ``index``
+    index_model: ModelPaths = field(default_factory=ModelPaths)  # with ``index``: files that moved
     labels_column: str | None = None
     ks: tuple[int, ...] = (1, 5, 10)
     depth: int = 100  # results fetched from an index per query
@@ -174,6 +176,7 @@ def _open(config: EvalConfig, progress: Progress, encoder: Encoder | None) -> Ev
             device=config.device,
             precision=config.precision,
             encoder=encoder,
+            model=config.index_model,
         )
     assert config.pairs is not None  # evaluate() checked that one of the two is given
     owned = encoder is None

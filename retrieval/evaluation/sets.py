@@ -23,6 +23,7 @@ from retrieval.ingest.pairs import Pair, PairSet, read_pairs
 from retrieval.model.encoder import Encoder
 from retrieval.outcomes import Outcome, Reason
 from retrieval.progress import Progress
+from retrieval.store.location import ModelPaths
 
 __all__ = ["Blocks", "EvalSet", "encode_image_files", "from_index", "from_pairs"]
 
@@ -189,12 +190,14 @@ def from_index(
     device: str = "auto",
     precision: str = "auto",
     encoder: Encoder | None = None,
+    model: ModelPaths | None = None,
 ) -> EvalSet:
-    """Pairs found in (or matched to) an index folder; the model loads only if a text must be encoded."""
+    """Pairs found in (or matched to) an index folder; the model loads only if a text must be encoded
+    (the one the index recorded; ``model`` names files that moved)."""
     from retrieval.ann.faiss_index import live_vectors
     from retrieval.search.retriever import Retriever
 
-    retriever = Retriever.open(folder, device=device, precision=precision, encoder=encoder)
+    retriever = Retriever.open(folder, device=device, precision=precision, encoder=encoder, model=model)
     try:
         store = retriever.store
         images = retriever.rows("images").table.select(["id", "path", "sha256"]).to_pydict()
@@ -256,7 +259,7 @@ def from_index(
             candidates["captions"] = (len(captions["id"]), lambda: live_vectors(store, "captions"))
             if store.state("captions").index:
                 indexes["captions"] = retriever.index("captions")
-        model = store.manifest.model if store.manifest else {}
+        recorded = store.manifest.model if store.manifest else {}
         return EvalSet(
             image_vectors=image_vectors,
             image_ids=image_ids,
@@ -267,8 +270,8 @@ def from_index(
             candidates=candidates,
             encode_texts=retriever.encode_texts,
             model={
-                "checkpoint": model.get("checkpoint"),
-                "fingerprint": model.get("fingerprint", {}).get("digest"),
+                "checkpoint": recorded.get("absolute", {}).get("checkpoint", recorded.get("checkpoint")),
+                "fingerprint": recorded.get("fingerprint", {}).get("digest"),
             },
             pair_count=built.pairs,
             skipped=skipped,

@@ -24,10 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrieval.durable import file_sha256
+from retrieval.durable import file_sha256, stat_key
 from retrieval.errors import CheckpointError
 
-__all__ = ["Checkpoint", "CheckpointInfo", "file_sha256", "load_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointInfo", "KnownHash", "file_sha256", "load_checkpoint"]
+
+
+@dataclass(frozen=True)
+class KnownHash:
+    """A checkpoint's sha256 as recorded, with the file stats (``durable.stat_key``) it had then."""
+
+    sha256: str
+    stat: list[int]
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class CheckpointInfo:
     epoch: int | None
     global_step: int | None
     best_loss: float | None
+    stat: list[int] | None = None  # the file's stats when it was hashed and read
 
 
 @dataclass(frozen=True)
@@ -52,10 +61,11 @@ class Checkpoint:
     epoch: int | None
     global_step: int | None
     best_loss: float | None
+    stat: list[int] | None = None
 
     @property
     def info(self) -> CheckpointInfo:
-        return CheckpointInfo(self.path, self.sha256, self.epoch, self.global_step, self.best_loss)
+        return CheckpointInfo(self.path, self.sha256, self.epoch, self.global_step, self.best_loss, self.stat)
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -147,13 +157,15 @@ def _is_state_dict(obj: Mapping[Any, Any]) -> bool:
 
 
 def load_checkpoint(
-    path: str | Path, *, trust_checkpoint: bool = False, sha256: str | None = None
+    path: str | Path, *, trust_checkpoint: bool = False, known: KnownHash | None = None
 ) -> Checkpoint:
     """Load a checkpoint in the seed's format (a bare ``state_dict`` file is accepted too).
 
     Raises ``CheckpointError`` with one readable sentence for a missing, empty, truncated, unsafe
     or malformed file. The file's sha256 is computed here, once, for the model fingerprint, unless
-    the caller passes the hash it knows the unchanged file has.
+    ``known`` gives it and the file's stats are still the ones it was recorded with. The stats are
+    taken before hashing and compared after reading: a file replaced meanwhile (a training run
+    saving its best checkpoint) is refused rather than paired with another file's hash.
     """
     path = Path(path)
     if not path.is_file():
@@ -161,14 +173,17 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} {what}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    sha256 = sha256 or file_sha256(path)
+    before = stat_key(path)
+    sha256 = known.sha256 if known is not None and known.stat == before else file_sha256(path)
     obj = _read(path, trust_checkpoint)
+    if stat_key(path) != before:
+        raise CheckpointError(f"checkpoint {path} changed while it was being read; try again")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
 
     if "model_state_dict" not in obj:
         if _is_state_dict(obj):
-            return Checkpoint(path, sha256, dict(obj), None, None, None, None)
+            return Checkpoint(path, sha256, dict(obj), None, None, None, None, before)
         keys = ", ".join(sorted(map(str, obj))[:10])
         raise CheckpointError(f"{path} has no 'model_state_dict' (its keys: {keys})")
     state = obj["model_state_dict"]
@@ -185,4 +200,5 @@ def load_checkpoint(
         epoch=_as_int(obj.get("epoch"), "epoch", path),
         global_step=_as_int(obj.get("global_step"), "global_step", path),
         best_loss=_as_float(obj.get("best_loss"), path),
+        stat=before,
     )

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from retrieval.errors import ConfigError
-from retrieval.model.checkpoint import Checkpoint, CheckpointInfo, load_checkpoint
+from retrieval.model.checkpoint import Checkpoint, CheckpointInfo, KnownHash, load_checkpoint
 from retrieval.model.dual_encoder import MultiModalEncoder
 from retrieval.model.fingerprint import ModelFingerprint
 from retrieval.model.imaging import open_image, to_rgb
@@ -41,15 +41,13 @@ T = TypeVar("T")
 _TEXT_CHUNK_BATCHES = 16
 
 
-def load_model(spec: ModelSpec, checkpoint_sha256: str | None = None) -> tuple[MultiModalEncoder, Checkpoint]:
+def load_model(spec: ModelSpec, known: KnownHash | None = None) -> tuple[MultiModalEncoder, Checkpoint]:
     """Build the towers from their folders and load the checkpoint into them, strictly.
 
-    ``checkpoint_sha256`` skips hashing the file when the caller knows it is unchanged. The model
+    ``known``: the checkpoint's recorded hash, used while the file is unchanged. The model
     is returned in eval mode, as the seed uses it for inference.
     """
-    checkpoint = load_checkpoint(
-        spec.checkpoint, trust_checkpoint=spec.trust_checkpoint, sha256=checkpoint_sha256
-    )
+    checkpoint = load_checkpoint(spec.checkpoint, trust_checkpoint=spec.trust_checkpoint, known=known)
     model = MultiModalEncoder.from_state_dict(checkpoint.model_state_dict, spec.text_model, spec.vision_model)
     return model.eval(), checkpoint
 
@@ -96,15 +94,15 @@ class Encoder:
         text_batch_size: int | None = None,
         image_batch_size: int | None = None,
         threads: int | None = None,
-        checkpoint_sha256: str | None = None,
+        known: KnownHash | None = None,
     ) -> Encoder:
         """Load ``spec`` (safely, strictly) onto a device and fingerprint it.
 
-        ``checkpoint_sha256``: the checkpoint's known hash (an index that recorded the file's
-        stats passes it while they are unchanged), so a multi-GB file is not hashed again.
+        ``known``: the checkpoint's hash as an index recorded it with the file's stats; while
+        they are unchanged a multi-GB file is not hashed again.
         """
         runtime = resolve_runtime(device, precision)
-        model, checkpoint = load_model(spec, checkpoint_sha256)
+        model, checkpoint = load_model(spec, known)
         encoder = cls(
             model,
             runtime=runtime,

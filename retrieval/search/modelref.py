@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from retrieval.errors import IndexMismatchError, ModelError
+from retrieval.model.checkpoint import KnownHash
 from retrieval.model.encoder import Encoder
-from retrieval.store.location import MODEL_PARTS, ModelPaths, recorded_spec, stat_key
+from retrieval.store.location import MODEL_PARTS, ModelPaths, recorded_spec
 from retrieval.store.manifest import Manifest
 
 __all__ = ["load_index_encoder"]
@@ -34,11 +35,10 @@ def load_index_encoder(
                 f"more: pass {flag} with its new place once (accepted if it is the same model, then "
                 "remembered)"
             )
-    known = None
     fingerprint = record.get("fingerprint") or {}
-    if record.get("checkpoint_stat") is not None and stat_key(spec.checkpoint) == record["checkpoint_stat"]:
-        known = fingerprint.get("checkpoint_sha256")
-    encoder = Encoder.load(spec, device=device, precision=precision, checkpoint_sha256=known)
+    sha, stat = fingerprint.get("checkpoint_sha256"), record.get("checkpoint_stat")
+    known = KnownHash(sha, stat) if sha and stat else None
+    encoder = Encoder.load(spec, device=device, precision=precision, known=known)
     digest = encoder.fingerprint.digest if encoder.fingerprint else None
     if digest != manifest.fingerprint:
         encoder.close()

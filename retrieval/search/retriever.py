@@ -132,7 +132,8 @@ class Retriever:
         """Record where the loaded model is now, if ``model`` named new paths; see ``remember_model``."""
         if not self.model_paths.given or self._encoder is None or self._encoder.spec is None:
             return False
-        return remember_model(self.store.folder, self._encoder.spec)
+        stat = self._encoder.source.stat if self._encoder.source else None
+        return remember_model(self.store.folder, self._encoder.spec, stat)
 
     def index(self, target: Target) -> SearchIndex:
         if target not in self._indexes:
@@ -330,6 +331,8 @@ class Retriever:
                     f"--where: no field {name!r} in {target} (fields: {', '.join(sorted(known))})"
                 )
         root = self.store.state("images").root
+        if target == "images" and root:
+            where = [(n, op, _path_pattern(op, v)) if n == "path" else (n, op, v) for n, op, v in where]
         keep = np.ones(len(records), dtype=bool)
         for i, record in enumerate(records):
             for name, op, value in where:
@@ -381,6 +384,16 @@ def _fold(hits: list[Hit]) -> list[Hit]:
         fields = best.fields | ({"identical": same} if same else {})
         folded.append(dataclasses.replace(best, rank=rank, fields=fields))
     return folded
+
+
+def _path_pattern(op: str, value: str) -> str:
+    """A path as a user may type or paste it: ``./`` dropped, and an existing file (through any
+    symlink) as its real path, which is how the image root is recorded."""
+    while value.startswith("./"):
+        value = value[2:]
+    if op == "=" and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
 
 
 def _quote(text: str, width: int = 40) -> str:

@@ -242,12 +242,17 @@ class Store:
             yield ref, self.read_table(ref, columns)
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-ready summary: model, generation, and per collection counts, files and outcomes."""
-        if self.manifest is None:
+        """A JSON-ready summary: model, generation, and per collection counts, files and outcomes.
+
+        Counts are what is committed; ``searchable`` is how many rows its FAISS index covers, and
+        ``awaiting_index`` whether committed rows wait for the next build to publish them.
+        """
+        committed = self.committed
+        if committed is None:
             raise StoreError(f"{self.folder} has no committed state")
         collections = {}
-        for name, state in self.manifest.collections.items():
-            outcomes = self.outcomes(name)
+        for name, state in committed.collections.items():
+            outcomes = self.outcomes_of(state)
             collections[name] = {
                 **{k: state.counts.get(k, 0) for k in ("indexed", "skipped", "failed")},
                 "shards": len(state.shards),
@@ -271,11 +276,12 @@ class Store:
             }
         return {
             "folder": str(self.folder),
-            "schema_version": self.manifest.schema_version,
-            "generation": self.manifest.generation,
-            "engine_version": self.manifest.engine_version,
-            "updated": self.manifest.updated,
-            "model": self.manifest.model,
+            "schema_version": committed.schema_version,
+            "generation": committed.generation,
+            "engine_version": committed.engine_version,
+            "updated": committed.updated,
+            "model": committed.model,
+            "rebuilding": committed.rebuild is not None,
             "collections": collections,
         }
 

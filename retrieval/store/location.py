@@ -18,9 +18,9 @@ from typing import Any
 
 from retrieval.errors import StoreError
 from retrieval.model.spec import ModelSpec
-from retrieval.store.folder import Store
+from retrieval.store.folder import MANIFEST, Store
 
-__all__ = ["MODEL_PARTS", "ModelPaths", "model_record", "recorded_spec", "remember_model", "stat_key"]
+__all__ = ["MODEL_PARTS", "ModelPaths", "index_model", "model_record", "recorded_spec", "remember_model"]
 
 MODEL_PARTS = ("checkpoint", "text_model", "vision_model")
 
@@ -49,14 +49,17 @@ class ModelPaths:
         )
 
 
-def model_record(spec: ModelSpec, folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """What a manifest keeps about its model: paths both ways, checkpoint stats, fingerprint."""
+def model_record(
+    spec: ModelSpec, folder: Path, fingerprint: dict[str, Any], checkpoint_stat: list[int] | None
+) -> dict[str, Any]:
+    """What a manifest keeps about its model: paths both ways, the checkpoint's stats when it was
+    hashed (the loaded checkpoint's, never taken again later), the fingerprint."""
     record: dict[str, Any] = {"absolute": {}, "fingerprint": fingerprint}
     for part in MODEL_PARTS:
         path = Path(getattr(spec, part)).resolve()
         record["absolute"][part] = str(path)
         record[part] = os.path.relpath(path, folder.resolve())
-    record["checkpoint_stat"] = stat_key(Path(record["absolute"]["checkpoint"]))
+    record["checkpoint_stat"] = checkpoint_stat
     return record
 
 
@@ -64,36 +67,38 @@ def recorded_spec(record: dict[str, Any], folder: Path) -> ModelSpec:
     """The recorded model files: each where it is found (relative first, then absolute)."""
     chosen: list[Path] = []
     for part in MODEL_PARTS:
-        relative = folder / record[part]  # an absolute path (older manifests) stays as it is
+        relative = Path(os.path.normpath(folder / record[part]))  # an absolute one (older manifests) stays
         absolute = Path(record.get("absolute", {}).get(part, relative))
         chosen.append(next((p for p in (relative, absolute) if p.exists()), absolute))
     return ModelSpec(chosen[0], chosen[1], chosen[2])
 
 
-def remember_model(folder: Path, spec: ModelSpec) -> bool:
+def index_model(folder: Path) -> ModelSpec | None:
+    """The model files an index folder records, or None when ``folder`` holds no index yet."""
+    if not (folder / MANIFEST).is_file():
+        return None
+    with Store.open(folder) as store:  # a damaged or unreadable manifest is an error, not "none"
+        manifest = store.committed
+    if manifest is None or not {"checkpoint", "text_model", "vision_model"} <= set(manifest.model):
+        return None
+    return recorded_spec(manifest.model, folder)
+
+
+def remember_model(folder: Path, spec: ModelSpec, checkpoint_stat: list[int] | None) -> bool:
     """Record ``spec`` as where ``folder``'s model now is (its fingerprint already checked).
 
-    Returns False, changing nothing, when a build holds the folder: the paths are then simply
-    needed again next time.
+    Returns False, changing nothing, when a build holds the folder or it cannot be written (a
+    shared, read-only index): the paths are then simply needed again next time.
     """
     try:
         store = Store.open(folder, write=True)
-    except StoreError:
+    except (StoreError, OSError):
         return False
     with store:
         manifest = store.manifest
         if manifest is None:
             return False
-        record = model_record(spec, folder, manifest.model.get("fingerprint", {}))
+        record = model_record(spec, folder, manifest.model.get("fingerprint", {}), checkpoint_stat)
         if record != manifest.model:
             store.commit(dataclasses.replace(manifest, model=record))
     return True
-
-
-def stat_key(path: Path) -> list[int] | None:
-    """(size, mtime_ns, ctime_ns, inode) of ``path``: while equal, its recorded sha256 holds."""
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]

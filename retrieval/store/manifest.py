@@ -127,10 +127,16 @@ class CollectionState:
         return dataclasses.replace(self, shards=self.shards[: self.index.shards], deleted=self.index.deleted)
 
     @property
+    def index_current(self) -> bool:
+        """The FAISS index covers exactly the committed rows."""
+        if self.index is None:
+            return False
+        return self.index.source in (index_source(self), _sha_source(self))
+
+    @property
     def awaiting_index(self) -> bool:
         """Rows committed that no FAISS index covers yet (a build stopped, or one in progress)."""
-        indexed = self.counts.get("indexed", 0) > 0
-        return indexed and (self.index is None or self.index.source != index_source(self))
+        return self.counts.get("indexed", 0) > 0 and not self.index_current
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -236,6 +242,13 @@ def index_source(state: CollectionState) -> str:
     """
     names = [f"{shard_stem(f.file)}:{f.rows}" for f in state.shards]
     names.append(state.deleted.sha256 if state.deleted else "")
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def _sha_source(state: CollectionState) -> str:
+    """The key indexes recorded before shards were keyed by name: their sha256s and the deletions'.
+    Folders built then keep their indexes until their rows change."""
+    names = [f.sha256 for f in state.shards] + [state.deleted.sha256 if state.deleted else ""]
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
