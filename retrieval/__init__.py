@@ -22,7 +22,7 @@ _EXPORTS = {
     "build_index": "retrieval.build.pipeline",
     "Store": "retrieval.store.folder",
     "Retriever": "retrieval.search.retriever",
-    "Hit": "retrieval.search.retriever",
+    "Hit": "retrieval.search.hits",
     "IndexConfig": "retrieval.ann.faiss_index",
     "StoreError": "retrieval.errors",
     "IndexMismatchError": "retrieval.errors",
@@ -97,7 +97,8 @@ if TYPE_CHECKING:
     from retrieval.model.fingerprint import ModelFingerprint
     from retrieval.model.runtime import Runtime, resolve_runtime
     from retrieval.model.spec import ModelSpec
-    from retrieval.search.retriever import Hit, Retriever
+    from retrieval.search.hits import Hit
+    from retrieval.search.retriever import Retriever
     from retrieval.store.folder import Store
     from retrieval.training.config import TrainConfig, TrainReport
     from retrieval.training.loop import train

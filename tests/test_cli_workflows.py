@@ -434,7 +434,7 @@ def test_caption_results_draw_as_a_text_sheet_with_labels(catalog: Path, tmp_pat
 def test_tiles_are_labelled_with_rank_score_and_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import retrieval.search.sheet
     from retrieval.cli.search import _draw
-    from retrieval.search.retriever import Hit
+    from retrieval.search.hits import Hit
 
     drawn: list = []
     monkeypatch.setattr(

@@ -86,7 +86,8 @@ def _search(
     paths: Any,
     keep_identical: bool,
 ) -> None:
-    from retrieval.search.retriever import Retriever, parse_where
+    from retrieval.search.filters import parse_where
+    from retrieval.search.retriever import Retriever
 
     with Retriever.open(index, device=device, model=paths) as retriever:
         allow = retriever.filter_ids(target, parse_where(where)) if where else None  # type: ignore[arg-type]

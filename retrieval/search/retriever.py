@@ -8,16 +8,12 @@ results carry. Scores are cosine similarities. ``allow_ids`` restricts a search 
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import json
-import os
-import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,36 +28,20 @@ from retrieval.errors import (
     TruncationWarning,
 )
 from retrieval.model.encoder import Encoder, ImageInput
+from retrieval.search.filters import Where, matching_ids, parse_where
+from retrieval.search.hits import Hit, folded, user_fields
 from retrieval.search.modelref import load_index_encoder
 from retrieval.store.folder import Store
 from retrieval.store.location import ModelPaths, remember_model
 from retrieval.store.manifest import Manifest
 
-__all__ = ["BUILT_IN_FIELDS", "Hit", "Retriever", "Target", "parse_where", "user_fields"]
+__all__ = ["Hit", "Retriever", "Target", "parse_where"]
 
 Target = Literal["images", "captions"]
 _ROW_COLUMNS = {
     "images": ["id", "path", "sha256", "size", "width", "height", "flags"],
     "captions": ["id", "text", "source", "row", "image", "sha256", "flags", "metadata"],
 }
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One result: rank (from 1), id, cosine score, and the row's fields."""
-
-    rank: int
-    id: int
-    score: float
-    collection: str
-    path: str | None = None  # images: absolute path
-    text: str | None = None  # captions
-    fields: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rank": self.rank, "id": self.id, "score": round(self.score, 6)}
-        out |= {"path": self.path} if self.path is not None else {"text": self.text}
-        return out | self.fields
 
 
 @dataclass
@@ -286,7 +266,7 @@ class Retriever:
         fetch = 2 * k
         while True:
             ids, scores = self.search_vectors(vector, fetch, target, allow_ids)
-            hits = _fold(self.hits(ids[0], scores[0], target))
+            hits = folded(self.hits(ids[0], scores[0], target))
             if len(hits) >= k or (ids[0] < 0).any() or fetch >= self.size(target):
                 return hits[:k]
             fetch *= 4
@@ -314,37 +294,14 @@ class Retriever:
                 hits.append(Hit(rank, record_id, float(score), target, text=text, fields=record | metadata))
         return hits
 
-    def filter_ids(self, target: Target, where: Sequence[tuple[str, str, str]]) -> np.ndarray:
+    def filter_ids(self, target: Target, where: Sequence[Where]) -> np.ndarray:
         """Ids whose fields match every ``(field, op, value)``; op is ``=`` (equal) or ``~`` (glob).
 
         ``path`` matches the path as stored (relative to the image folder), as results print it
         (absolute), or relative to the working folder, so a pasted path finds its file.
         """
         rows = self.rows(target)
-        records = rows.table.to_pylist()
-        if target == "captions":
-            records = [r | user_fields(json.loads(r.get("metadata") or "{}")) for r in records]
-        known = set().union(*records) if records else set()
-        for name, _, _ in where:
-            if name not in known:
-                raise ConfigError(
-                    f"--where: no field {name!r} in {target} (fields: {', '.join(sorted(known))})"
-                )
-        root = self.store.state("images").root
-        if target == "images" and root:
-            where = [(n, op, _path_pattern(op, v)) if n == "path" else (n, op, v) for n, op, v in where]
-        keep = np.ones(len(records), dtype=bool)
-        for i, record in enumerate(records):
-            for name, op, value in where:
-                texts = ["" if record.get(name) is None else str(record[name])]
-                if target == "images" and name == "path" and root:
-                    absolute = os.path.join(root, texts[0])
-                    texts += [absolute, os.path.relpath(absolute)]
-                matches = (t == value if op == "=" else fnmatch.fnmatchcase(t, value) for t in texts)
-                if name not in record or not any(matches):
-                    keep[i] = False
-                    break
-        return rows.ids[keep]
+        return matching_ids(target, rows.table, rows.ids, where, self.store.state("images").root)
 
     def close(self) -> None:
         if self._encoder is not None:
@@ -360,42 +317,6 @@ class Retriever:
         self.close()
 
 
-# Fields every caption hit has; a caption file's own column of one of these names is shown (and
-# filtered) as ``meta.<name>`` instead, so it never hides the built-in value.
-BUILT_IN_FIELDS = frozenset(
-    {"rank", "id", "score", "collection", "path", "text", "source", "row", "image", "sha256", "size"}
-    | {"mtime_ns", "width", "height", "flags", "metadata", "identical"}
-)
-
-
-def user_fields(metadata: dict[str, Any]) -> dict[str, Any]:
-    """A caption row's own columns, renamed ``meta.<name>`` where they collide with built-in fields."""
-    return {(f"meta.{k}" if k in BUILT_IN_FIELDS else k): v for k, v in metadata.items()}
-
-
-def _fold(hits: list[Hit]) -> list[Hit]:
-    """Hits of identical content (same sha256) as one, the best; the others in its ``identical``."""
-    groups: dict[str, list[Hit]] = {}
-    for hit in hits:
-        groups.setdefault(str(hit.fields.get("sha256", hit.id)), []).append(hit)
-    folded = []
-    for rank, (best, *rest) in enumerate(groups.values(), start=1):
-        same = [h.path if h.path is not None else h.id for h in rest]
-        fields = best.fields | ({"identical": same} if same else {})
-        folded.append(dataclasses.replace(best, rank=rank, fields=fields))
-    return folded
-
-
-def _path_pattern(op: str, value: str) -> str:
-    """A path as a user may type or paste it: ``./`` dropped, and an existing file (through any
-    symlink) as its real path, which is how the image root is recorded."""
-    while value.startswith("./"):
-        value = value[2:]
-    if op == "=" and os.path.exists(value):
-        return os.path.realpath(value)
-    return value
-
-
 def _quote(text: str, width: int = 40) -> str:
     return repr(text if len(text) <= width else text[: width - 3] + "...")
 
@@ -404,14 +325,3 @@ def _target(target: str) -> Target:
     if target not in ("images", "captions"):
         raise ConfigError(f"target must be images or captions, got {target!r}")
     return target  # type: ignore[return-value]
-
-
-def parse_where(expressions: Sequence[str]) -> list[tuple[str, str, str]]:
-    """``FIELD=VALUE`` (equal) or ``FIELD~GLOB`` (shell pattern) -> ``(field, op, value)``."""
-    parsed = []
-    for expression in expressions:
-        match = re.fullmatch(r"\s*([\w.-]+)\s*([=~])\s*(.*)", expression)
-        if not match:
-            raise ConfigError(f"--where {expression!r}: expected FIELD=VALUE or FIELD~PATTERN")
-        parsed.append((match.group(1), match.group(2), match.group(3)))
-    return parsed

@@ -1,0 +1,54 @@
+"""Search results as ``Hit``s: the row's fields beside the score, built-in fields never shadowed
+by a caption file's own columns, and files of identical content folded into one result."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BUILT_IN_FIELDS", "Hit", "folded", "user_fields"]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: rank (from 1), id, cosine score, and the row's fields."""
+
+    rank: int
+    id: int
+    score: float
+    collection: str
+    path: str | None = None  # images: absolute path
+    text: str | None = None  # captions
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rank": self.rank, "id": self.id, "score": round(self.score, 6)}
+        out |= {"path": self.path} if self.path is not None else {"text": self.text}
+        return out | self.fields
+
+
+# Fields every caption hit has; a caption file's own column of one of these names is shown (and
+# filtered) as ``meta.<name>`` instead, so it never hides the built-in value.
+BUILT_IN_FIELDS = frozenset(
+    {"rank", "id", "score", "collection", "path", "text", "source", "row", "image", "sha256", "size"}
+    | {"mtime_ns", "width", "height", "flags", "metadata", "identical"}
+)
+
+
+def user_fields(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A caption row's own columns, renamed ``meta.<name>`` where they collide with built-in fields."""
+    return {(f"meta.{k}" if k in BUILT_IN_FIELDS else k): v for k, v in metadata.items()}
+
+
+def folded(hits: list[Hit]) -> list[Hit]:
+    """Hits of identical content (same sha256) as one, the best; the others in its ``identical``."""
+    groups: dict[str, list[Hit]] = {}
+    for hit in hits:
+        groups.setdefault(str(hit.fields.get("sha256", hit.id)), []).append(hit)
+    folded = []
+    for rank, (best, *rest) in enumerate(groups.values(), start=1):
+        same = [h.path if h.path is not None else h.id for h in rest]
+        fields = best.fields | ({"identical": same} if same else {})
+        folded.append(dataclasses.replace(best, rank=rank, fields=fields))
+    return folded
