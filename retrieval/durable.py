@@ -22,9 +22,11 @@ __all__ = [
     "FAULT_ENV",
     "atomic_write",
     "atomic_write_bytes",
+    "before_commit",
     "before_read",
     "file_sha256",
     "fsync_dir",
+    "fsync_file",
     "read_count",
     "stat_key",
     "write_count",
@@ -63,6 +65,19 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def before_commit() -> None:
+    """Count a table commit as a durable write (the crash and fault hooks' write points)."""
+    _count_and_maybe_crash()
 
 
 def write_count() -> int:

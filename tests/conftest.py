@@ -118,10 +118,10 @@ def _verify_the_stores_left(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if folder is None or request.node.get_closest_marker("damages_stores"):
         return
-    for manifest in sorted(folder.rglob("manifest.json")):
-        report = verify_index(manifest.parent)
+    for catalog in sorted(folder.rglob("catalog.json")):
+        report = verify_index(catalog.parent)
         if not report.ok:
-            pytest.fail(f"{manifest.parent} fails index verify: {report.problems}")
+            pytest.fail(f"{catalog.parent} fails index verify: {report.problems}")
 
 
 @pytest.fixture

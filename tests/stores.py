@@ -3,10 +3,10 @@ rows of a store, a canonical form to compare two stores, and the CLI arguments o
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from retrieval import ModelSpec
@@ -33,11 +33,21 @@ def build_config(tmp_path: Path, corpus: Path, checkpoint: Path, towers: tuple[P
 def live(folder: Path, collection: str) -> pa.Table:
     """Rows of ``collection`` still in search, sorted by id."""
     with Store.open(folder) as store:
-        deleted = store.deleted_ids(collection)
         tables = [t for _, t in store.iter_shards(collection)]
-    table = pa.concat_tables(tables)
-    table = table.filter(pa.array(~np.isin(table.column("id").to_numpy(), deleted)))
-    return table.sort_by("id")
+    return pa.concat_tables(tables).sort_by("id")
+
+
+def committed(folder: Path) -> tuple[str, dict[str, int | None]]:
+    """What a folder has committed, to compare before and after a run: the catalog's text and
+    each table's newest version."""
+    catalog = (folder / "catalog.json").read_text() if (folder / "catalog.json").exists() else ""
+    with Store.open(folder) as store:
+        versions = {c: s.version for c, s in store.committed.collections.items()} if store.committed else {}
+    return catalog, versions
+
+
+def catalog_of(folder: Path) -> dict:
+    return json.loads((folder / "catalog.json").read_text())
 
 
 def canonical(folder: Path) -> dict[str, list[tuple]]:

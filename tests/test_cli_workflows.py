@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from stores import canonical, live, model_flags
+from stores import canonical, catalog_of, committed, live, model_flags
 
 from retrieval import InputError, Retriever
 from retrieval.errors import TruncationWarning
+from retrieval.store.folder import Store
 
 BIN = Path(sys.executable).parent
 
@@ -101,13 +102,13 @@ def test_another_image_folder_is_refused_unless_replace_root(tmp_path: Path, mod
     (other / "b.png").write_bytes((first / "b.png").read_bytes())  # one file in common
     out = tmp_path / "index"
     assert report(build(first, out, model, "--json"))["images"]["indexed"] == 3
-    manifest = (out / "manifest.json").read_bytes()
+    state = committed(out)
 
     refused = build(other, out, model)
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1
     assert str(first.resolve()) in refused.stderr and "--replace-root" in refused.stderr
-    assert (out / "manifest.json").read_bytes() == manifest  # nothing changed
+    assert committed(out) == state  # nothing changed
 
     images = report(build(other, out, model, "--replace-root", "--json"))["images"]
     assert (images["indexed"], images["encoded"], images["reused"], images["deleted"]) == (2, 1, 1, 3)
@@ -179,25 +180,26 @@ def test_a_stopped_build_says_what_it_committed(
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"interrupted: {out}: images ") and "committed, not yet searchable" in last
     assert f"rerun `index build {images}" in last and last.endswith("to finish")
-    committed = json.loads((out / "manifest.json").read_text())["collections"]["images"]["counts"]["indexed"]
-    assert 0 < committed < 60
-    assert f"images {committed} indexed ({committed} new this run)" in last
+    with Store.open(out) as store:
+        done = store.committed.collections["images"].counts["indexed"]
+    assert 0 < done < 60
+    assert f"images {done} indexed ({done} new this run)" in last
     if signum == signal.SIGTERM:
         return  # the same story from here on
 
     # index info and search tell the same story.
     info = cli("index", "info", str(out))
-    assert f"images    {committed} indexed" in info.stdout
+    assert f"images    {done} indexed" in info.stdout
     assert "committed, not yet searchable: rerun `index build` to finish" in info.stdout
     search = cli("search", "text", "a dog", "--index", str(out))
     assert search.returncode == 2
     assert search.stderr.strip() == (
-        f"error: {out}: {committed} images committed, not yet searchable: rerun `index build` to finish"
+        f"error: {out}: {done} images committed, not yet searchable: rerun `index build` to finish"
     )
 
     # The rerun finishes with the rows and ids of a build that was never stopped.
     finished = report(build(images, out, model, "--shard-rows", "4", "--json"))["images"]
-    assert (finished["indexed"], finished["added"]) == (60, 60 - committed)
+    assert (finished["indexed"], finished["added"]) == (60, 60 - done)
     clean = tmp_path / "clean"
     report(build(images, clean, model, "--shard-rows", "4", "--json"))
     assert canonical(out) == canonical(clean)
@@ -205,11 +207,9 @@ def test_a_stopped_build_says_what_it_committed(
 
 
 def _has_shards(out: Path) -> bool:
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(manifest["collections"].get("images", {}).get("shards"))
+    """Whether a data file of ``out``'s images is committed (its table's log has an entry adding one)."""
+    log = out / "images" / "_delta_log"
+    return log.is_dir() and any('"add"' in p.read_text() for p in log.glob("*.json"))
 
 
 def test_the_caption_bar_moves_during_the_caption_phase(tmp_path: Path, model: list[str]) -> None:
@@ -363,8 +363,7 @@ def test_commands_take_the_model_from_the_index_and_follow_it_when_it_moves(
     try:
         again = cli("search", "text", "a dog", "--index", str(moved / "index"))
         assert again.returncode == 0, again.stderr
-        manifest = json.loads((moved / "index" / "manifest.json").read_text())
-        assert manifest["model"]["checkpoint"] == "../moved/model.pt"
+        assert catalog_of(moved / "index")["model"]["checkpoint"] == "../moved/model.pt"
     finally:
         shutil.move(str(moved), str(tmp_path))
 
@@ -391,7 +390,7 @@ def test_an_unchanged_rerun_with_new_model_paths_records_them(
     shutil.copy(checkpoint, tmp_path / "copy.pt")
     result = cli("index", "build", *common, *model_flags(tmp_path / "copy.pt", *towers))
     assert result.returncode == 0 and "0 new" in result.stdout
-    assert json.loads((out / "manifest.json").read_text())["model"]["checkpoint"] == "../copy.pt"
+    assert catalog_of(out)["model"]["checkpoint"] == "../copy.pt"
 
 
 # -- messages ------------------------------------------------------------------------------------

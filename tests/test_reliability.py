@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from corpus import GOOD
-from stores import build_args, canonical
+from stores import build_args, canonical, committed
 from transformers import ViTImageProcessor
 
 from retrieval import Encoder, Retriever, StoreError, durable
@@ -43,6 +44,9 @@ from retrieval.ingest import reader
 from retrieval.ingest.reader import decode_file
 from retrieval.model.preprocess import ImagePreprocess
 from retrieval.store.folder import Store
+from retrieval.store.manifest import FileRef
+from retrieval.store.schema import schema
+from retrieval.store.table import DeltaCollection
 
 KILL_CYCLES = 8  # in CI; test_many_random_kills runs more under the slow marker
 FUZZ_PER_FILE = 24
@@ -81,8 +85,7 @@ def test_verify_is_green_on_a_build_and_its_updates(
     report = verify_index(config.out)
     assert report.ok, report.problems
     assert (report.collections["images"].live, report.collections["images"].index) == (len(GOOD) - 1, "flat")
-    assert report.collections["images"].rows == len(GOOD) + 1  # deleted rows stay in their shards
-    assert any("-r0" in ref["file"] for ref in manifest(config.out)["collections"]["images"]["shards"])
+    assert report.collections["images"].rows == len(GOOD) - 1  # Delta deletes: the files hold live rows only
     assert cli(["verify", str(config.out), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (
@@ -90,27 +93,52 @@ def test_verify_is_green_on_a_build_and_its_updates(
     )  # two from the CSV, one sidecar
 
 
-def manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
+def catalog(folder: Path) -> dict:
+    return json.loads((folder / "catalog.json").read_text())
 
 
 def files_of(folder: Path, collection: str, suffix: str) -> list[str]:
-    state = manifest(folder)["collections"][collection]
-    names = [ref["file"] for ref in state["shards"]] + [state["index"]["file"]["file"]]
+    """The committed files of ``collection``: its live data files, then its FAISS index."""
+    with Store.open(folder) as store:
+        names = [ref.file for ref in store.committed.collections[collection].shards]
+    names.append(catalog(folder)["indexes"][collection]["file"]["file"])
     return [n for n in names if n.endswith(suffix)]
 
 
+def newest(folder: Path, collection: str) -> tuple[DeltaCollection, Any]:
+    table = DeltaCollection(folder, collection, collection)
+    return table, table.snapshot()
+
+
+def commit_as_faulty_writer(
+    folder: Path, collection: str, adds: list[FileRef], removes: list[FileRef], counters: dict | None = None
+) -> None:
+    """A commit of a faulty writer: the log then vouches for files or counters that are wrong, so
+    that only the deeper checks can see the damage."""
+    table, snap = newest(folder, collection)
+    with Store.open(folder) as store:
+        dim = int(store.committed.model["fingerprint"]["dim"])
+    table.commit(adds, removes, counters or snap.counters, schema(collection, dim), table.description())
+
+
 def recommit(folder: Path, name: str, data: bytes) -> None:
-    """Write ``data`` as the store file ``name`` and record its hash in the manifest, as a faulty
-    writer would have: the damage is then past the hash check and only the deeper checks see it."""
-    (folder / name).write_bytes(data)
-    m = manifest(folder)
-    for state in m["collections"].values():
-        index = state.get("index") or {}
-        for ref in [*state["shards"], state.get("deleted"), state.get("outcomes"), index.get("file")]:
-            if ref and ref["file"] == name:
-                ref.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-    (folder / "manifest.json").write_text(json.dumps(m))
+    """Write ``data`` in place of the store file ``name``, with its size and hash recorded as a
+    faulty writer would have: the damage is then past the first checks."""
+    if name.endswith(".faiss"):
+        (folder / name).write_bytes(data)
+        c = catalog(folder)
+        for index in c["indexes"].values():
+            if index["file"]["file"] == name:
+                index["file"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        (folder / "catalog.json").write_text(json.dumps(c))
+        return
+    collection = name.split("/")[0]
+    _, snap = newest(folder, collection)
+    old = next(f for f in snap.files if f.file == name)
+    new_name = name.replace(".parquet", "-faulty.parquet")
+    (folder / new_name).write_bytes(data)
+    new = FileRef(new_name, hashlib.sha256(data).hexdigest(), old.rows, len(data), old.first, old.last)
+    commit_as_faulty_writer(folder, collection, [new], [old])
 
 
 def flip_bit(path: Path) -> None:
@@ -138,7 +166,9 @@ def rewrite_shard(folder: Path, name: str, change: Callable[[pa.Table], pa.Table
 
 def doubled_vectors(table: pa.Table) -> pa.Table:
     column = table.column("embedding").combine_chunks()
-    doubled = pa.FixedSizeListArray.from_arrays(pc.multiply(column.flatten(), 2.0), column.type.list_size)
+    doubled = pa.ListArray.from_arrays(
+        column.offsets, pc.multiply(column.flatten(), pa.scalar(2.0, pa.float32()))
+    )
     return table.set_column(table.schema.get_field_index("embedding"), "embedding", doubled)
 
 
@@ -155,27 +185,37 @@ def drop_one_id(folder: Path, name: str) -> None:
 
 
 def repeat_a_shard(folder: Path) -> None:
-    m = manifest(folder)
-    shards = m["collections"]["images"]["shards"]
-    copy = dict(shards[0], file="images/shard-000000000900.parquet")
-    shutil.copy(folder / shards[0]["file"], folder / copy["file"])
-    shards.append(copy)
-    (folder / "manifest.json").write_text(json.dumps(m))
+    _, snap = newest(folder, "images")
+    first = snap.files[0]
+    copy = replace(first, file="images/shard-000000000900.parquet")
+    shutil.copy(folder / first.file, folder / copy.file)
+    commit_as_faulty_writer(folder, "images", [copy], [])
 
 
-def edit_manifest(change: Callable[[dict], None]) -> Callable[[Path], None]:
+def edit_catalog(change: Callable[[dict], None]) -> Callable[[Path], None]:
     def apply(folder: Path) -> None:
-        m = manifest(folder)
-        change(m)
-        (folder / "manifest.json").write_text(json.dumps(m))
+        c = catalog(folder)
+        change(c)
+        (folder / "catalog.json").write_text(json.dumps(c))
 
     return apply
+
+
+def miscount(folder: Path) -> None:
+    _, snap = newest(folder, "images")
+    counters = {**snap.counters, "counts": {**snap.counters["counts"], "indexed": 99}}
+    commit_as_faulty_writer(folder, "images", [], [], counters)
+
+
+def garble_log(folder: Path) -> None:
+    log = sorted((folder / "images" / "_delta_log").glob("*.json"))[-1]
+    log.write_text("{not json")
 
 
 DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "truncated shard": (
         lambda f: truncate(f / files_of(f, "images", ".parquet")[0]),
-        "bytes, the manifest says",
+        "bytes, its commit logged",
     ),
     "bit-flipped shard": (lambda f: flip_bit(f / files_of(f, "images", ".parquet")[0]), "sha256"),
     "swapped shards": (
@@ -184,7 +224,8 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "bit-flipped index": (lambda f: flip_bit(f / files_of(f, "images", ".faiss")[0]), "sha256"),
     "missing index": (lambda f: (f / files_of(f, "captions", ".faiss")[0]).unlink(), "missing"),
-    "garbage manifest": (lambda f: (f / "manifest.json").write_text("{"), "unreadable or damaged"),
+    "garbage catalog": (lambda f: (f / "catalog.json").write_text("{"), "unreadable or damaged"),
+    "garbage log entry": (garble_log, "Delta log"),
     "index without a live id": (lambda f: drop_one_id(f, files_of(f, "images", ".faiss")[0]), "ids differ"),
     "vectors not unit-norm": (
         lambda f: rewrite_shard(f, files_of(f, "images", ".parquet")[0], doubled_vectors),
@@ -201,16 +242,13 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
         "no embedding column",
     ),
     "one shard twice": (repeat_a_shard, "appear in more than one row"),
-    "counts that do not add up": (
-        edit_manifest(lambda m: m["collections"]["images"]["counts"].update(indexed=99)),
-        "counts 99 indexed",
-    ),
+    "counts that do not add up": (miscount, "counts 99 indexed"),
     "fingerprint missing": (
-        edit_manifest(lambda m: m["model"].update(fingerprint=None)),
+        edit_catalog(lambda m: m["model"].update(fingerprint=None)),
         "no model fingerprint",
     ),
     "fingerprint edited": (
-        edit_manifest(lambda m: m["model"]["fingerprint"].update(checkpoint_sha256="0" * 64)),
+        edit_catalog(lambda m: m["model"]["fingerprint"].update(checkpoint_sha256="0" * 64)),
         "digest does not match",
     ),
 }
@@ -230,30 +268,62 @@ def test_verify_finds_each_kind_of_damage(
     assert expected in capsys.readouterr().err
 
 
-# -- hostile files: refused by their hash before any parser sees them ----------------------------
+# -- hostile files: refused before their bytes are trusted ---------------------------------------
 
 
-HOSTILE = {
-    "truncated shard": lambda f: truncate(f / files_of(f, "images", ".parquet")[0]),
-    "bit-flipped shard": lambda f: flip_bit(f / files_of(f, "images", ".parquet")[1]),
-    "swapped shards": lambda f: swap(*(f / n for n in files_of(f, "images", ".parquet")[:2])),
-    "truncated index": lambda f: truncate(f / files_of(f, "images", ".faiss")[0]),
-    "bit-flipped index": lambda f: flip_bit(f / files_of(f, "images", ".faiss")[0]),
-    "swapped indexes": lambda f: swap(
-        f / files_of(f, "images", ".faiss")[0], f / files_of(f, "captions", ".faiss")[0]
+def flip_in_column(folder: Path, name: str, column: str) -> None:
+    """Flip a bit inside the pages of ``column`` (one that a search reads) of the data file ``name``."""
+    meta = pq.read_metadata(folder / name)
+    chunk = next(
+        meta.row_group(0).column(i)
+        for i in range(meta.num_columns)
+        if meta.row_group(0).column(i).path_in_schema == column
+    )
+    data = bytearray((folder / name).read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size // 2] ^= 0x10
+    (folder / name).write_bytes(bytes(data))
+
+
+# Each damage, and what refuses it: the logged size and id range, a page checksum, a sha256.
+HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "truncated shard": (
+        lambda f: truncate(f / files_of(f, "images", ".parquet")[0]),
+        "its commit logged",
+    ),
+    "bit-flipped shard": (
+        lambda f: flip_in_column(f, files_of(f, "images", ".parquet")[1], "path"),
+        "damaged or unreadable Parquet",
+    ),
+    "swapped shards": (
+        lambda f: swap(*(f / n for n in files_of(f, "images", ".parquet")[:2])),
+        "its commit logged",
+    ),
+    "truncated index": (
+        lambda f: truncate(f / files_of(f, "images", ".faiss")[0]),
+        "does not match its sha256",
+    ),
+    "bit-flipped index": (
+        lambda f: flip_bit(f / files_of(f, "images", ".faiss")[0]),
+        "does not match its sha256",
+    ),
+    "swapped indexes": (
+        lambda f: swap(f / files_of(f, "images", ".faiss")[0], f / files_of(f, "captions", ".faiss")[0]),
+        "does not match its sha256",
     ),
 }
 
 
 @pytest.mark.damages_stores
 @pytest.mark.parametrize("damage", HOSTILE)
-def test_altered_files_are_refused_before_parsing(
+def test_altered_files_are_refused_before_they_are_trusted(
     built: Path, damage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    committed = {
-        ref["sha256"]
-        for state in manifest(built)["collections"].values()
-        for ref in [*state["shards"], state["index"]["file"]]
+    """A search over a damaged folder is a clear error. Only a page-checksum failure lets damaged
+    bytes reach the Parquet reader, which refuses them; no altered FAISS file is parsed at all."""
+    committed_files = {
+        hashlib.sha256((built / name).read_bytes()).hexdigest()
+        for collection in ("images", "captions")
+        for name in files_of(built, collection, "")
     }
     parsed: list[str] = []
     read_table, read_index = pq.read_table, faiss.read_index
@@ -273,13 +343,12 @@ def test_altered_files_are_refused_before_parsing(
         r.search_text("a dog", k=5)
     assert parsed, "the spies see the parsing of an intact store"
     parsed.clear()
-    HOSTILE[damage](built)
-    with (
-        pytest.raises(StoreError, match="does not match its sha256"),
-        Retriever.open(built, device="cpu") as r,
-    ):
-        r.search_text("a dog", k=5)  # the index, then every shard for the hits' rows
-    assert set(parsed) <= committed  # every byte string that reached a parser was a committed one
+    change, expected = HOSTILE[damage]
+    change(built)
+    with pytest.raises(StoreError, match=expected), Retriever.open(built, device="cpu") as r:
+        r.search_text("a dog", k=5)  # the index, then every data file for the hits' rows
+    if damage != "bit-flipped shard":
+        assert set(parsed) <= committed_files  # every byte string that reached a parser was committed
 
 
 # -- a failing disk ---------------------------------------------------------------------------------
@@ -321,7 +390,7 @@ def test_a_failing_write_leaves_a_committed_store(
     for k in points:
         store = tmp_path / f"fault-{k}"
         shutil.copytree(built, store)
-        previous = (store / "manifest.json").read_bytes()
+        previous = committed(store)
         out = build_args(BuildConfig(**{**vars(config), "out": store}))[1:]
         monkeypatch.setenv(FAULT_ENV, f"write:{k + durable.write_count()}:{error}")
         assert cli(out) == 2, k
@@ -329,7 +398,7 @@ def test_a_failing_write_leaves_a_committed_store(
         assert len(err) == 1 and os.strerror(getattr(errno, error)) in err[0], (k, err)
         monkeypatch.delenv(FAULT_ENV)
         if k == 1:
-            assert (store / "manifest.json").read_bytes() == previous
+            assert committed(store) == previous
         assert verify_index(store).ok, k
         assert not tmp_files(store), k
         assert cli(out) == 0, k
@@ -341,13 +410,13 @@ def test_a_failing_read_is_a_clean_error(
 ) -> None:
     """EIO at each read of a committed file, in an incremental build and in a search."""
     change_corpus(config)
-    previous = (built / "manifest.json").read_bytes()
+    previous = committed(built)
     argv = build_args(config)[1:]
     for k in range(1, 6):
         monkeypatch.setenv(FAULT_ENV, f"read:{k + durable.read_count()}:EIO")
         assert cli(argv) == 2, k
         assert "Input/output error" in capsys.readouterr().err
-        assert (built / "manifest.json").read_bytes() == previous, k  # reads come before any write
+        assert committed(built) == previous, k  # reads come before any write
         assert verify_index(built).ok
     monkeypatch.setenv(FAULT_ENV, f"read:{1 + durable.read_count()}:EIO")
     with pytest.raises(StoreError, match="Input/output error"), Retriever.open(built, device="cpu") as r:
@@ -401,11 +470,11 @@ def test_kill_right_after_success_is_reported(config: BuildConfig, tmp_path: Pat
     process.wait()
     assert "images" in summary and "indexed" in summary, summary
     assert verify_index(config.out).ok
-    generation = manifest(config.out)["generation"]
+    state = committed(config.out)
     build_index(BuildConfig(**{**vars(config), "out": tmp_path / "clean"}))
     assert canonical(config.out) == canonical(tmp_path / "clean")
     build_index(config)
-    assert manifest(config.out)["generation"] == generation  # nothing left to do
+    assert committed(config.out) == state  # nothing left to do
 
 
 def kill_cycles(config: BuildConfig, tmp_path: Path, cycles: int, seed: int) -> dict[str, int]:
@@ -427,7 +496,7 @@ def kill_cycles(config: BuildConfig, tmp_path: Path, cycles: int, seed: int) -> 
         time.sleep(rng.uniform(0.3, 1.1) * length)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        if (config.out / "manifest.json").exists():
+        if (config.out / "catalog.json").exists():
             report = verify_index(config.out)
             assert report.ok, report.problems
             stats["committed states verified"] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from retrieval import (
     build_index,
 )
 from retrieval.ann.faiss_index import IndexConfig, build_collection_index, load_index, recall_at
-from retrieval.store.manifest import CollectionState, Manifest
+from retrieval.store.folder import new_manifest
+from retrieval.store.manifest import CollectionState
 from retrieval.vectors import embedding_array, embedding_matrix
 
 
@@ -40,11 +42,16 @@ def clustered(n: int, dim: int, seed: int, centers: int = 50) -> np.ndarray:
 def vector_store(folder: Path, vectors: np.ndarray, ids: np.ndarray) -> Store:
     """A store holding ``vectors`` as one images shard, written through the Store API."""
     store = Store.open(folder, write=True)
-    table = pa.table({"id": pa.array(ids, pa.int64()), "embedding": embedding_array(vectors)})
-    ref = store.write_table("images/shard-000000000000.parquet", table)
     fingerprint = {"dim": vectors.shape[1], "digest": "test"}
-    state = CollectionState(shards=(ref,), next_id=int(ids.max()) + 1, counts={"indexed": len(ids)})
-    store.commit(Manifest(1, 1, {"fingerprint": fingerprint}, {"images": state}))
+    manifest = store.commit_catalog(new_manifest({"fingerprint": fingerprint}))
+    dim = vectors.shape[1]
+    offsets = pa.array(np.arange(0, (len(vectors) + 1) * dim, dim, dtype=np.int32))
+    column = pa.ListArray.from_arrays(offsets, embedding_array(vectors).flatten())
+    table = pa.table({"id": pa.array(ids, pa.int64()), "embedding": column})
+    ref = store.write_table("images/shard-000000000000-v000000.parquet", table)
+    state = CollectionState(next_id=int(ids.max()) + 1, counts={"indexed": len(ids)})
+    state = store.commit_rows(store.table("images"), state, table.schema, {"digest": "test"}, [ref])
+    store.manifest = replace(manifest, collections={"images": state})
     return store
 
 
@@ -225,10 +232,10 @@ def test_index_of_another_model_is_refused(
             retriever.search_text("a dog")
 
 
-def test_manifest_records_measured_recall(built: BuildConfig) -> None:
-    manifest = json.loads((built.out / "manifest.json").read_text())
+def test_catalog_records_measured_recall(built: BuildConfig) -> None:
+    catalog = json.loads((built.out / "catalog.json").read_text())
     for collection in ("images", "captions"):
-        index = manifest["collections"][collection]["index"]
+        index = catalog["indexes"][collection]
         assert index["kind"] == "flat" and index["recall_at_10"] == 1.0
         assert index["queries"] == ("captions" if collection == "images" else "images")
         assert index["latency_ms"] > 0

@@ -314,7 +314,8 @@ def build_collection_index(
         search_index.value, search_index.refine = value, refine
     latency = _latency_ms(search_index, queries, k)
 
-    name = f"{collection}/index-{kind}-g{(store.manifest.generation if store.manifest else 0) + 1:06d}.faiss"
+    # Named by the catalog write that will record it: a file a reader may hold is never rewritten.
+    name = f"faiss/{collection}-{kind}-g{(store.manifest.generation if store.manifest else 0) + 1:06d}.faiss"
     atomic_write(store.folder / name, lambda tmp: faiss.write_index(index, str(tmp)))
     ref = store.file_ref(name, n)
     seconds = round(time.perf_counter() - started, 3)

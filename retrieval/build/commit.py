@@ -1,62 +1,60 @@
-"""The committer: the only writer of an index folder's manifest during a build.
+"""The committer: the only writer of an index folder during a build.
 
-``begin`` commits a plan (deletions, touched files' stats, outcomes known so far, the ids reserved
-for each planned input), ``add`` commits one item's shard as it arrives, in any order, ``end``
-clears the plan once every item is in, and ``build_indexes`` (re)builds each collection's FAISS
-index when its rows changed, publishing the rows committed meanwhile in the same write. A build
-works on a ``Target``: the folder's state, or during ``--rebuild`` a second state beside it that
-readers do not see until ``promote``.
+``begin`` commits a plan (deletions and touched files' stats as copy-on-write rewrites of the
+files that hold them, outcomes known so far, the ids reserved for each planned input), ``add``
+commits one item's data file as it arrives, in any order, ``end`` clears the plan once every item
+is in, and ``build_indexes`` (re)builds each collection's FAISS index when its rows changed and
+records it in the catalog with the table version it covers: that write publishes the rows
+committed meanwhile. Each of these is one Delta commit or one catalog write. A build works on a
+``Target``: the folder's tables, or during ``--rebuild`` tables beside them that readers do not see
+until ``promote`` makes them the folder's in one commit per table and one catalog write.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from retrieval import durable
 from retrieval.ann.faiss_index import IndexConfig, build_collection_index, sample_vectors
 from retrieval.build.execute import ItemResult
 from retrieval.build.plan import CollectionPlan, plan_table
 from retrieval.errors import IndexMismatchError, StoreError
 from retrieval.outcomes import Outcome
 from retrieval.progress import Progress
-from retrieval.store.folder import Store
-from retrieval.store.manifest import (
-    SCHEMA_VERSION,
-    CollectionState,
-    IndexRecord,
-    Manifest,
-    PlanRecord,
-    Rebuild,
-    index_source,
-    shard_stem,
-)
-from retrieval.store.schema import shard_table
+from retrieval.store.folder import Store, engine_folder, new_manifest
+from retrieval.store.manifest import CollectionState, FileRef, IndexRecord, PlanRecord, Rebuild
+from retrieval.store.schema import file_metadata, schema, shard_table, table_description
+from retrieval.store.table import DeltaCollection
 
 __all__ = ["Committer", "Target"]
 
 
 class Target:
-    """Which state of the folder a build writes: the one readers see, or a rebuild beside it."""
+    """Which tables of the folder a build writes: the ones readers see, or a rebuild's beside them."""
 
     def __init__(self, store: Store, model: dict[str, Any], *, rebuild: bool) -> None:
         self.store = store
         self.model = model
+        self.fingerprint: dict[str, Any] = model["fingerprint"]
         committed = store.manifest
-        digest = model["fingerprint"]["digest"]
+        digest = self.fingerprint["digest"]
         if committed is None:
-            self.manifest = Manifest(SCHEMA_VERSION, 0, model, {})
+            self.manifest = store.commit_catalog(new_manifest(model))  # readers need a catalog first
             self.rebuilding = False
         elif rebuild:
             self.rebuilding = True
             ongoing = committed.rebuild
             same = ongoing is not None and ongoing.model.get("fingerprint", {}).get("digest") == digest
+            if not same:
+                store.discard_rebuild()  # another model's unfinished rebuild: its tables are of no use
             collections = ongoing.collections if ongoing is not None and same else {}
-            self.manifest = store.commit(
-                replace(committed, generation=committed.generation + 1, rebuild=Rebuild(model, collections))
-            )
+            self.manifest = store.commit_catalog(replace(committed, rebuild=Rebuild(model, collections)))
         else:
             if committed.rebuild is not None:
                 raise StoreError(
@@ -80,46 +78,166 @@ class Target:
     def state(self, collection: str) -> CollectionState:
         return self.collections.get(collection, CollectionState())
 
+    def table(self, collection: str) -> DeltaCollection:
+        return self.store.rebuild_table(collection) if self.rebuilding else self.store.table(collection)
+
+    def file_name(self, collection: str, kind: str, first: int | None = None) -> str:
+        """A new file of ``collection`` for its next commit: a data file (``kind`` "shard", named by
+        its first id) or one of the engine's own ("outcomes", "plan"). Names carry the version of
+        the commit that will name them, so no committed file is ever written again."""
+        prefix = self.table(collection).prefix
+        version = self._next_version(collection)
+        if kind == "shard":
+            return f"{prefix}/shard-{first:012d}-v{version:06d}.parquet"
+        suffix = "jsonl" if kind == "outcomes" else "parquet"
+        return f"{engine_folder(prefix)}/{kind}-v{version:06d}.{suffix}"
+
+    def _next_version(self, collection: str) -> int:
+        version = self.state(collection).version
+        return 0 if version is None else version + 1
+
     def view(self) -> Store:
         """A reader of the folder that sees this target's state (the planner and FAISS read it)."""
         return self.store.viewing(
             replace(self.manifest, model=self.model, collections=self.collections, rebuild=None)
         )
 
-    def commit(self, collection: str, state: CollectionState) -> None:
+    def commit(
+        self,
+        collection: str,
+        state: CollectionState,
+        adds: tuple[FileRef, ...] = (),
+        removes: tuple[FileRef, ...] = (),
+        *,
+        rows_changed: bool | None = None,
+    ) -> None:
+        """One commit of ``collection``'s table: ``state``'s counters, ``adds`` in, ``removes`` out."""
+        dim = int(self.fingerprint["dim"])
+        state = self.store.commit_rows(
+            self.table(collection),
+            state,
+            schema(collection, dim),
+            table_description(collection, self.fingerprint),
+            adds,
+            removes,
+            rows_changed=rows_changed,
+        )
+        self._set(collection, state)
+
+    def commit_index(self, collection: str, record: IndexRecord | None) -> None:
+        """Record ``collection``'s FAISS index in the catalog (readers see its rows from then on)."""
+        self._set(collection, replace(self.state(collection), index=record))
+        manifest = self.manifest if self.rebuilding else replace(self.manifest, model=self.model)
+        self.manifest = self.store.commit_catalog(manifest)
+
+    def _set(self, collection: str, state: CollectionState) -> None:
         collections = {**self.collections, collection: state}
         if self.rebuilding:
-            manifest = replace(self.manifest, rebuild=Rebuild(self.model, collections))
+            self.manifest = replace(self.manifest, rebuild=Rebuild(self.model, collections))
         else:
-            manifest = replace(self.manifest, model=self.model, collections=collections)
-        self.manifest = self.store.commit(replace(manifest, generation=manifest.generation + 1))
+            self.manifest = replace(self.manifest, collections=collections)
 
     def settle_model(self) -> None:
-        """Record where the model is now, if it moved and nothing else needed a commit."""
+        """Record where the model is now, if it moved and nothing else needed a catalog write."""
         if not self.rebuilding and self.manifest.model != self.model:
-            self.manifest = self.store.commit(replace(self.manifest, model=self.model))
+            self.manifest = self.store.commit_catalog(replace(self.manifest, model=self.model))
 
     def promote(self) -> None:
-        """A finished rebuild becomes the folder's state; the old files go with the next clean-up."""
-        if self.rebuilding:
-            self.manifest = self.store.commit(
-                replace(
-                    self.manifest,
-                    generation=self.manifest.generation + 1,
-                    model=self.model,
-                    collections=self.collections,
-                    rebuild=None,
-                )
+        """A finished rebuild becomes the folder's state: per collection one commit that replaces
+        every live file with the rebuild's (linked into the table), then one catalog write. The
+        old files stay for readers that pinned them, until a vacuum."""
+        if not self.rebuilding:
+            return
+        digest = self.fingerprint["digest"]
+        promoted: dict[str, CollectionState] = {}
+        for name, built in self.collections.items():
+            live = self.manifest.collections.get(name, CollectionState())
+            table = self.store.table(name)
+            if live.promoted == digest and live.version is not None:
+                promoted[name] = replace(live, index=_moved_index(built.index, live))
+                continue  # committed before a crash: only the catalog was left to write
+            adds = tuple(self._link(ref, table, live) for ref in built.shards)
+            outcomes = self._link(built.outcomes, table, live) if built.outcomes else None
+            state = replace(
+                live,
+                next_id=built.next_id,
+                outcomes=outcomes,
+                root=built.root,
+                sources=built.sources,
+                counts=built.counts,
+                plan=None,
+                promoted=digest,
             )
-            self.rebuilding = False
+            state = self.store.commit_rows(
+                table,
+                state,
+                schema(name, int(self.fingerprint["dim"])),
+                table_description(name, self.fingerprint),
+                adds,
+                live.shards,
+                rows_changed=True,
+            )
+            promoted[name] = replace(state, index=_moved_index(built.index, state))
+        for name, state in self.manifest.collections.items():
+            if name not in promoted:  # a collection the rebuild did not index: its rows are gone
+                promoted[name] = self._emptied(name, state)
+        self.manifest = self.store.commit_catalog(
+            replace(self.manifest, model=self.model, collections=promoted, rebuild=None)
+        )
+        for name in promoted:
+            if self.store.table(name).exists:
+                self.store.table(name).describe_as(table_description(name, self.fingerprint))
+        self.store.discard_rebuild()
+        self.rebuilding = False
+
+    def _emptied(self, name: str, state: CollectionState) -> CollectionState:
+        if not state.shards and state.index is None:
+            return state
+        empty = replace(state, outcomes=None, sources={}, counts={}, plan=None, index=None)
+        return self.store.commit_rows(
+            self.store.table(name),
+            empty,
+            schema(name, int(self.fingerprint["dim"])),
+            table_description(name, self.fingerprint),
+            (),
+            state.shards,
+            rows_changed=True,
+        )
+
+    def _link(self, ref: FileRef, table: DeltaCollection, live: CollectionState) -> FileRef:
+        """``ref`` (a rebuild file) as a file of the live ``table``, by a hard link (a copy where
+        links are not possible), named for the promoting commit so that no live name is reused."""
+        version = 0 if live.version is None else live.version + 1
+        source = self.store.folder / ref.file
+        stem, suffix = Path(ref.file).stem, Path(ref.file).suffix
+        own = f"/{Path(engine_folder('')).name}/" in ref.file  # the engine's file, or a data file
+        parent = engine_folder(table.prefix) if own else table.prefix
+        name = f"{parent}/{stem}-p{version:06d}{suffix}"
+        target = self.store.folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not (target.exists() and target.stat().st_size == ref.bytes):
+            target.unlink(missing_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:
+                durable.atomic_write_bytes(target, source.read_bytes())
+            durable.fsync_dir(target.parent)
+        return replace(ref, file=name)
 
     @property
     def generation(self) -> int:
         return self.manifest.generation
 
 
+def _moved_index(record: IndexRecord | None, state: CollectionState) -> IndexRecord | None:
+    """A rebuild's index, now covering the live table's version that holds the same rows."""
+    if record is None:
+        return None
+    return replace(record, version=state.version, rows_version=state.rows_version)
+
+
 class Committer:
-    """Commits a build's plans and results into ``target``, one manifest write each."""
+    """Commits a build's plans and results into ``target``, one table commit each."""
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -133,7 +251,6 @@ class Committer:
         """Commit what a plan decides before any item: deletions, stats, outcomes, reserved ids."""
         name = plan.collection
         state = self.target.state(name)
-        generation = self.target.generation + 1
         self.outcomes[name] = list(plan.outcomes)
         self.remaining[name] = {item.number for item in plan.items}
         self.waiting[name] = {k: (set(v[0]), v[1]) for k, v in plan.waiting.items()}
@@ -148,24 +265,16 @@ class Committer:
         )
         if not changed:
             return
-        if plan.restat:
-            state = replace(state, shards=self._restat(state, plan.restat, generation))
-        deleted = state.deleted
-        if plan.deleted:
-            ids = np.union1d(self.store.read_ids(state.deleted), np.asarray(plan.deleted, dtype=np.int64))
-            deleted = self.store.write_table(
-                f"{name}/deleted-g{generation:06d}.parquet", pa.table({"id": ids})
-            )
-        outcomes = self.store.write_outcomes(f"{name}/outcomes-g{generation:06d}.jsonl", plan.outcomes)
+        adds, removes = self._rewrite(name, state, plan.deleted, plan.restat)
+        outcomes = self.store.write_outcomes(self.target.file_name(name, "outcomes"), plan.outcomes)
         record = None
         if plan.items:
             table = plan_table(plan)
-            ref = self.store.write_table(f"{name}/plan-g{generation:06d}.parquet", table)
+            ref = self.store.write_table(self.target.file_name(name, "plan"), table)
             record = PlanRecord(ref, int(table.column("id").to_numpy().min()))
         indexed = state.counts.get("indexed", 0) - len(plan.deleted)
         state = replace(
             state,
-            deleted=deleted,
             outcomes=outcomes,
             root=plan.root if plan.root is not None else state.root,
             sources=plan.sources,
@@ -173,27 +282,24 @@ class Committer:
             counts=_counts(indexed, self.outcomes[name]),
             plan=record,
         )
-        self.target.commit(name, state)
+        self.target.commit(name, state, adds, removes, rows_changed=bool(plan.deleted))
 
     def add(self, result: ItemResult) -> None:
-        """Commit one item's rows as a shard (and the outcomes of its failed inputs)."""
+        """Commit one item's rows as a data file (and the outcomes of its failed inputs)."""
         name = result.item.collection
         state = self.target.state(name)
-        generation = self.target.generation + 1
-        shards = state.shards
+        adds: tuple[FileRef, ...] = ()
         if result.rows:
             order = np.argsort(result.ids)
             ids = np.asarray(result.ids, dtype=np.int64)[order]
             rows = [result.rows[k] for k in order]
             vectors = result.matrix(int(self.fingerprint["dim"]))[order]
             table = shard_table(name, ids, rows, vectors, self.fingerprint)
-            # Named by first id and generation: a rebuild's shards never reuse a live file's name.
-            file = f"{name}/shard-{int(ids[0]):012d}-g{generation:06d}.parquet"
-            shards = (*shards, self.store.write_table(file, table))
+            adds = (self.store.write_table(self.target.file_name(name, "shard", int(ids[0])), table),)
         out = state.outcomes
         if result.outcomes:
             self.outcomes[name].extend(result.outcomes)
-            out = self.store.write_outcomes(f"{name}/outcomes-g{generation:06d}.jsonl", self.outcomes[name])
+            out = self.store.write_outcomes(self.target.file_name(name, "outcomes"), self.outcomes[name])
         sources = dict(state.sources)
         if result.complete:
             self.remaining[name].discard(result.item.number)
@@ -204,7 +310,7 @@ class Committer:
                     del self.waiting[name][source]
         indexed = state.counts.get("indexed", 0) + len(result.rows)
         counts = _counts(indexed, self.outcomes[name])
-        self.target.commit(name, replace(state, shards=shards, outcomes=out, sources=sources, counts=counts))
+        self.target.commit(name, replace(state, outcomes=out, sources=sources, counts=counts), adds)
 
     def end(self, collection: str) -> bool:
         """Clear the plan once every item is committed; False while some are still to do."""
@@ -224,15 +330,16 @@ class Committer:
             state = self.target.state(name)
             if state.counts.get("indexed", 0) == 0:
                 if state.index is not None:  # every row deleted: nothing left to search
-                    self.target.commit(name, replace(state, index=None))
+                    self.target.commit_index(name, None)
                 continue
-            source = index_source(state)
             current = state.index
             if (
                 current is not None
                 and state.index_current
                 and config.kind in ("auto", current.kind, current.requested)
             ):
+                if current.version != state.version:  # newer files, same rows: readers may move on
+                    self.target.commit_index(name, replace(current, version=state.version))
                 continue
             view = self.target.view()
             other = "captions" if name == "images" else "images"
@@ -247,38 +354,65 @@ class Committer:
             progress.finish()
             if record is None:
                 continue
-            # The rows it covers (shards are only appended), so that readers see exactly those.
-            record = replace(record, source=source, shards=len(state.shards), deleted=state.deleted)
-            self.target.commit(name, replace(state, index=record))
+            record = replace(record, version=state.version, rows_version=state.rows_version)
+            self.target.commit_index(name, record)
             built[name] = record
         return built
 
-    def _restat(
-        self, state: CollectionState, updates: dict[int, tuple[int, int]], generation: int
-    ) -> tuple[Any, ...]:
-        """Shards holding rows whose file was touched but not changed, rewritten with the new
-        (size, mtime_ns): same ids and vectors, copy on write; the old files go with the next
-        clean-up."""
-        wanted = np.fromiter(updates, dtype=np.int64)
-        shards = list(state.shards)
-        for position, ref in enumerate(shards):
-            if not np.isin(self.store.read_ids(ref), wanted).any():
-                continue  # only the ids read: most shards hold no touched file
+    def _rewrite(
+        self,
+        name: str,
+        state: CollectionState,
+        deleted: list[int],
+        restat: dict[int, tuple[int, int]],
+    ) -> tuple[tuple[FileRef, ...], tuple[FileRef, ...]]:
+        """Copy-on-write of the data files that hold ``deleted`` ids or ``restat`` (touched files:
+        same ids and vectors, new size and mtime): each rewritten without the deleted rows and
+        with the new stats, or only removed when no row is left. Returns (adds, removes)."""
+        gone = np.asarray(sorted(deleted), dtype=np.int64)
+        touched = np.asarray(sorted(restat), dtype=np.int64)
+        wanted = np.union1d(gone, touched)
+        adds: list[FileRef] = []
+        removes: list[FileRef] = []
+        if not len(wanted):
+            return (), ()
+        for ref in state.shards:
+            if ref.first is not None and ref.last is not None:
+                lo, hi = np.searchsorted(wanted, [ref.first, ref.last + 1])
+                if lo == hi:
+                    continue  # the logged id range holds none of them
             table = self.store.read_table(ref)
             ids = table.column("id").to_numpy()
-            hit = np.isin(ids, wanted)
-            size = table.column("size").to_numpy().copy()
-            mtime = table.column("mtime_ns").to_numpy().copy()
-            for k in np.flatnonzero(hit):
-                size[k], mtime[k] = updates[int(ids[k])]
-            table = table.set_column(table.schema.get_field_index("size"), "size", pa.array(size, pa.int64()))
-            table = table.set_column(
-                table.schema.get_field_index("mtime_ns"), "mtime_ns", pa.array(mtime, pa.int64())
-            )
-            shards[position] = self.store.write_table(
-                f"{shard_stem(ref.file)}-r{generation:06d}.parquet", table
-            )
-        return tuple(shards)
+            if not np.isin(ids, wanted).any():
+                continue
+            keep = ~np.isin(ids, gone)
+            if np.isin(ids, touched).any():
+                size = table.column("size").to_numpy().copy()
+                mtime = table.column("mtime_ns").to_numpy().copy()
+                for k in np.flatnonzero(np.isin(ids, touched)):
+                    size[k], mtime[k] = restat[int(ids[k])]
+                table = table.set_column(
+                    table.schema.get_field_index("size"), "size", pa.array(size, pa.int64())
+                )
+                table = table.set_column(
+                    table.schema.get_field_index("mtime_ns"), "mtime_ns", pa.array(mtime, pa.int64())
+                )
+            removes.append(ref)
+            if keep.any():
+                table = _stored_form(table.filter(pa.array(keep)), name, self.fingerprint)
+                first = int(table.column("id").to_numpy()[0])
+                adds.append(self.store.write_table(self.target.file_name(name, "shard", first), table))
+        return tuple(adds), tuple(removes)
+
+
+def _stored_form(table: pa.Table, collection: str, fingerprint: dict[str, Any]) -> pa.Table:
+    """A read data file's rows as they are written: the table's schema, the files' metadata."""
+    dim = int(fingerprint["dim"])
+    vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    offsets = pa.array(np.arange(0, (len(vectors) + 1) * dim, dim, dtype=np.int32))
+    column = pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1), pa.float32()))
+    table = table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
+    return table.cast(schema(collection, dim)).replace_schema_metadata(file_metadata(collection, fingerprint))
 
 
 def _counts(indexed: int, outcomes: list[Outcome]) -> dict[str, int]:

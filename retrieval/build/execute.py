@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from retrieval.build.plan import CaptionInput, ImageInput, WorkItem
+from retrieval.errors import StoreError
 from retrieval.ingest.reader import (
     DEFAULT_DECODE_TIMEOUT,
     DecodedGroup,
@@ -34,9 +35,10 @@ from retrieval.model.encoder import Encoder
 from retrieval.model.imaging import DEFAULT_MAX_PIXELS
 from retrieval.outcomes import Outcome
 from retrieval.progress import Progress
-from retrieval.store.folder import Store
+from retrieval.store.folder import Store, removed_file
 from retrieval.store.manifest import FileRef
 from retrieval.store.schema import CaptionRow, ImageRow, Row
+from retrieval.store.table import DeltaCollection
 from retrieval.vectors import embedding_matrix
 
 __all__ = ["Executor", "ItemResult", "LocalExecutor", "StoredVectors"]
@@ -69,20 +71,31 @@ class ItemResult:
 
 
 class StoredVectors:
-    """The vector already stored for a content hash, deleted rows included (until a rebuild)."""
+    """The vector already stored for a content hash: in a live data file, or in one a deletion or
+    rewrite removed from the table but a vacuum has not yet (of the same model)."""
 
-    def __init__(self, store: Store, collection: str, dim: int) -> None:
+    def __init__(self, store: Store, collection: str, dim: int, table: DeltaCollection) -> None:
         self.store = store
         self.dim = dim
-        self.places: dict[str, tuple[FileRef, int]] = {}
-        deleted = store.deleted_ids(collection)
         live: dict[str, tuple[FileRef, int]] = {}
         gone: dict[str, tuple[FileRef, int]] = {}
-        for ref, table in store.iter_shards(collection, ["id", "sha256"]):
-            dead = np.isin(table.column("id").to_numpy(), deleted)
-            for row, (sha, is_dead) in enumerate(zip(table.column("sha256").to_pylist(), dead, strict=True)):
-                (gone if is_dead else live)[sha] = (ref, row)
-        self.places = gone | live  # a live copy preferred: its shard is the one being read anyway
+        named = set()
+        for ref, rows in store.iter_shards(collection, ["sha256"]):
+            named.add(ref.file)
+            for row, sha in enumerate(rows.column("sha256").to_pylist()):
+                live[sha] = (ref, row)
+        digest = (store.manifest.fingerprint if store.manifest else None) or ""
+        for path in table.files_on_disk():
+            found = removed_file(store.folder, path, digest)
+            if found is None or found.file in named:
+                continue
+            try:
+                rows = store.read_table(found, ["sha256"])
+            except StoreError:
+                continue  # damaged: only a chance of reuse is lost
+            for row, sha in enumerate(rows.column("sha256").to_pylist()):
+                gone[sha] = (found, row)
+        self.places = gone | live  # a live copy preferred: its file is the one being read anyway
         self._cache: dict[str, np.ndarray] = {}
 
     def __contains__(self, sha256: str) -> bool:

@@ -81,7 +81,6 @@ def build_index(
             if not stopped:
                 target.promote()
             target.settle_model()
-            store.collect_garbage()
         finally:
             if own_encoder:
                 encoder.close()
@@ -161,7 +160,9 @@ class _Run:
         self.committer.begin(plan)
         added = encoded = reused = truncated = 0
         if plan.items:
-            stored = StoredVectors(self.target.view(), plan.collection, self.dim)
+            stored = StoredVectors(
+                self.target.view(), plan.collection, self.dim, self.target.table(plan.collection)
+            )
             for result in self.executor.run(plan.items, stored, self.progress, self.stop):
                 self.committer.add(result)
                 added += len(result.rows)

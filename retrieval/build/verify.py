@@ -1,25 +1,28 @@
-"""``index verify``: check that an index folder is exactly what its manifest committed.
+"""``index verify``: check that an index folder is exactly what its tables and catalog committed.
 
-What is checked, collection by collection:
+What is checked, collection by collection, at each table's newest version:
 
-- the manifest parses and has this engine's schema version;
-- every file it names exists, with the recorded size and sha256, and is parsed only after its
-  hash matched; the row counts of shards, deletion lists and outcome lists are the recorded ones;
-- each shard's Parquet metadata names this schema, this collection and the manifest's model
-  fingerprint, whose digest is recomputed from its fields;
-- ids are unique across shards and below the collection's ``next_id``; deleted ids are shard ids;
+- the catalog parses and has this engine's schema version; the Delta log replays;
+- every live data file exists with the size its commit logged, the sha256 its commit recorded
+  (while the log holds that commit), its page checksums, row count and logged id range; outcome
+  lists and FAISS files hash to their recorded sha256;
+- each data file's Parquet metadata names this schema, this collection and the catalog's model
+  fingerprint, whose digest is recomputed from its fields; so does the table's description;
+- ids are unique across files and below the collection's ``next_id``;
 - vectors have the model's dimension and are finite and unit-norm;
-- the ``indexed`` count equals the live rows, and the FAISS index holds exactly the ids that
-  readers see (``CollectionState.published``), with the model's dimension and the inner-product
-  metric.
+- the ``indexed`` count equals the live rows, and the FAISS index holds exactly the ids of the
+  table version it was built from (what readers see), with the model's dimension and the
+  inner-product metric.
 
-Notes, not problems: files a crashed writer left behind (temporaries, unnamed shards), which are
-not committed and which the next writer removes; and rows an interrupted build committed before
-it could rebuild the index, which readers do not see until the next build publishes them.
+Notes, not problems: files no longer in the newest version (kept for pinned readers until
+``index vacuum``) or never committed (an interrupted build's), temporaries, and rows an
+interrupted build committed before it could rebuild the index, which readers do not see until the
+next build publishes them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -100,14 +103,14 @@ def _verify(folder: Path, report: VerifyReport) -> None:
         return
     with store:
         manifest = store.committed
-        if manifest is None:  # only a writer opens a folder without a manifest
-            report.problems.append(f"{folder} has no manifest")
+        if manifest is None:  # only a writer opens a folder without a catalog
+            report.problems.append(f"{folder} has no catalog")
             return
         report.generation = manifest.generation
         fingerprint, dim = _check_fingerprint(manifest.model, report)
         for name, state in sorted(manifest.collections.items()):
             if name not in COLLECTIONS:
-                report.problems.append(f"manifest: unknown collection {name!r}")
+                report.problems.append(f"catalog: unknown collection {name!r}")
                 continue
             report.collections[name] = _check_collection(store, name, state, fingerprint, dim, report)
         _note_leftovers(store, report)
@@ -117,16 +120,16 @@ def _check_fingerprint(model: dict[str, Any], report: VerifyReport) -> tuple[str
     """The fingerprint's recomputed digest and the embedding width (None, 0 when unreadable)."""
     raw = model.get("fingerprint")
     if not isinstance(raw, dict):
-        report.problems.append("manifest: no model fingerprint")
+        report.problems.append("catalog: no model fingerprint")
         return None, 0
     try:
         fingerprint = ModelFingerprint.from_dict(raw)
         dim = int(fingerprint.dim)
     except (TypeError, KeyError, ValueError) as e:
-        report.problems.append(f"manifest: unreadable model fingerprint ({e})")
+        report.problems.append(f"catalog: unreadable model fingerprint ({e})")
         return None, 0
     if fingerprint.digest != raw.get("digest"):
-        report.problems.append("manifest: the model fingerprint's digest does not match its fields")
+        report.problems.append("catalog: the model fingerprint's digest does not match its fields")
     return fingerprint.digest, dim
 
 
@@ -135,72 +138,76 @@ def _check_collection(
 ) -> CollectionCheck:
     check = CollectionCheck()
     problems = report.problems
+    table = store.table(name)
+    try:
+        recorded = table.recorded_sha256(state.version or 0)
+        description = table.description()
+    except StoreError as e:
+        problems.append(str(e).replace(f"{store.folder}/", ""))
+        recorded, description = {}, {}
+    if fingerprint is not None and description.get("fingerprint") != fingerprint:
+        problems.append(f"{name}: the table's description names another model than the catalog")
     shard_ids: dict[str, np.ndarray] = {}
-    complete = True  # every shard and deletion list was readable: the id sets can be compared
+    complete = True  # every data file was readable: the id sets can be compared
     for ref in state.shards:
-        table = _read_table(store, ref, report)
         check.files += 1
-        if table is None:
+        data = _read_file(store, ref, report)
+        if data is not None and recorded.get(ref.file) not in (None, hashlib.sha256(data).hexdigest()):
+            problems.append(f"{ref.file}: does not match its sha256 recorded at commit (altered)")
+            data = None
+        rows = _parse(store, ref, data, report) if data is not None else None
+        if rows is None:
             complete = False
             continue
-        if missing := {"id", "embedding"} - set(table.column_names):
+        if missing := {"id", "embedding"} - set(rows.column_names):
             problems.append(f"{ref.file}: no {' or '.join(sorted(missing))} column")
             complete = False
             continue
-        _check_shard_metadata(table, ref, name, fingerprint, problems)
-        ids = shard_ids[ref.file] = table.column("id").to_numpy()
+        _check_shard_metadata(rows, ref, name, fingerprint, problems)
+        ids = shard_ids[ref.file] = rows.column("id").to_numpy()
         check.rows += len(ids)
         if len(ids) and int(ids.max()) >= state.next_id:
             problems.append(f"{ref.file}: id {int(ids.max())} is not below next_id {state.next_id}")
-        _check_vectors(table, ref, dim, problems)
+        _check_vectors(rows, ref, dim, problems)
     every = np.concatenate(list(shard_ids.values())) if shard_ids else np.empty(0, dtype=np.int64)
-    if len(np.unique(every)) != len(every):
-        problems.append(f"{name}: {len(every) - len(np.unique(every))} ids appear in more than one row")
-
-    published = state.published()
-    deleted: dict[str, np.ndarray] = {}
-    for ref in {f.file: f for f in (state.deleted, published.deleted) if f is not None}.values():
-        check.files += 1
-        table = _read_table(store, ref, report)
-        if table is None or "id" not in table.column_names:
-            if table is not None:
-                problems.append(f"{ref.file}: no id column")
-            complete = False
-        else:
-            deleted[ref.file] = table.column("id").to_numpy()
-
-    def live_of(view: CollectionState) -> np.ndarray:
-        ids = [shard_ids[f.file] for f in view.shards if f.file in shard_ids]
-        gone = deleted.get(view.deleted.file) if view.deleted else None
-        rows = np.unique(np.concatenate(ids)) if ids else np.empty(0, dtype=np.int64)
-        return rows if gone is None else np.setdiff1d(rows, gone)
-
-    live = live_of(state)
+    live = np.unique(every)
+    if len(live) != len(every):
+        problems.append(f"{name}: {len(every) - len(live)} ids appear in more than one row")
     check.live = len(live)
     if complete:
-        strays = np.setdiff1d(deleted[state.deleted.file], every) if state.deleted else every[:0]
-        if len(strays):
-            problems.append(f"{name}: {len(strays)} deleted ids are in no shard")
         counted = state.counts.get("indexed", 0)
         if counted != check.live:
             problems.append(
-                f"{name}: the manifest counts {counted} indexed, the shards hold {check.live} live rows"
+                f"{name}: the table's commit counts {counted} indexed, its files hold {check.live} rows"
             )
-
     if state.outcomes is not None:
         check.files += 1
         _check_outcomes(store, state.outcomes, report)
-    searchable = live_of(published) if complete else None
-    if state.index is not None:
-        check.files += 1
-        check.index = _check_index(store, name, state.index, searchable, dim, report)
-    if searchable is not None and not np.array_equal(searchable, live):
-        added, removed = len(np.setdiff1d(live, searchable)), len(np.setdiff1d(searchable, live))
-        report.notes.append(
-            f"{name}: {added} rows added and {removed} deleted are committed but not yet searchable "
-            "(an interrupted build's; the next build publishes them with the index)"
-        )
+    if state.index is None:
+        return check
+    check.files += 1
+    searchable: np.ndarray | None = live if complete else None
+    if not state.index_current and state.index.version is not None:
+        searchable = _ids_at(store, name, state.index.version, report)
+        if searchable is not None:
+            added, removed = len(np.setdiff1d(live, searchable)), len(np.setdiff1d(searchable, live))
+            report.notes.append(
+                f"{name}: {added} rows added and {removed} deleted are committed but not yet searchable "
+                "(an interrupted build's; the next build publishes them with the index)"
+            )
+    check.index = _check_index(store, name, state.index, searchable, dim, report)
     return check
+
+
+def _ids_at(store: Store, name: str, version: int, report: VerifyReport) -> np.ndarray | None:
+    """The ids of ``name``'s table at ``version`` (what readers of its index see)."""
+    try:
+        snapshot = store.table(name).snapshot(version)
+        ids = [store.read_table(ref, ["id"]).column("id").to_numpy() for ref in snapshot.files]
+    except StoreError as e:
+        report.problems.append(str(e).replace(f"{store.folder}/", ""))
+        return None
+    return np.unique(np.concatenate(ids)) if ids else np.empty(0, dtype=np.int64)
 
 
 def _read_file(store: Store, ref: FileRef, report: VerifyReport) -> bytes | None:
@@ -213,7 +220,7 @@ def _read_file(store: Store, ref: FileRef, report: VerifyReport) -> bytes | None
         return None
     if size != ref.bytes:
         report.problems.append(
-            f"{ref.file}: {size} bytes, the manifest says {ref.bytes} (truncated or altered)"
+            f"{ref.file}: {size} bytes, its commit logged {ref.bytes} (truncated or altered)"
         )
         return None
     try:
@@ -223,11 +230,8 @@ def _read_file(store: Store, ref: FileRef, report: VerifyReport) -> bytes | None
         return None
 
 
-def _read_table(store: Store, ref: FileRef, report: VerifyReport) -> pa.Table | None:
+def _parse(store: Store, ref: FileRef, data: bytes, report: VerifyReport) -> pa.Table | None:
     """The file as a table, parsed the way every reader parses it (``Store.parse_table``)."""
-    data = _read_file(store, ref, report)
-    if data is None:
-        return None
     try:
         return store.parse_table(ref, data)
     except StoreError as e:
@@ -271,7 +275,7 @@ def _check_outcomes(store: Store, ref: FileRef, report: VerifyReport) -> None:
         return
     lines = [line for line in data.decode(errors="replace").splitlines() if line]
     if len(lines) != ref.rows:
-        report.problems.append(f"{ref.file}: {len(lines)} outcomes, the manifest says {ref.rows}")
+        report.problems.append(f"{ref.file}: {len(lines)} outcomes, {ref.rows} were recorded")
     for number, line in enumerate(lines, 1):
         try:
             Outcome.from_dict(json.loads(line))
@@ -302,7 +306,7 @@ def _check_index(
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         report.problems.append(f"{name}: not an inner-product index")
     if index.ntotal != record.rows:
-        report.problems.append(f"{name}: {index.ntotal} vectors, the manifest says {record.rows}")
+        report.problems.append(f"{name}: {index.ntotal} vectors, {record.rows} were recorded")
     ids = index_ids(index)
     if live is None:
         return record.kind
@@ -321,15 +325,20 @@ def _check_index(
 
 def _note_leftovers(store: Store, report: VerifyReport) -> None:
     manifest = store.committed
-    named = {f.file for state in manifest.collections.values() for f in state.files()} if manifest else set()
-    candidates = [
-        f"{name}/{path.name}"
-        for name in COLLECTIONS
-        if (store.folder / name).is_dir()
-        for path in sorted((store.folder / name).iterdir())
-        if TMP_MARKER in path.name or path.name.endswith((".parquet", ".faiss"))
-    ]
-    candidates += [path.name for path in sorted(store.folder.glob(f".*{TMP_MARKER}*"))]
-    for name in candidates:
-        if name not in named:
-            report.notes.append(f"{name}: not committed (an interrupted write's; the next build removes it)")
+    named = {f.file for state in manifest.collections.values() for f in state.shards} if manifest else set()
+    for name in COLLECTIONS:
+        folder = store.folder / name
+        if not folder.is_dir():
+            continue
+        kept = [p for p in folder.glob("shard-*.parquet") if f"{name}/{p.name}" not in named]
+        if kept:
+            report.notes.append(
+                f"{name}: {len(kept)} data files are not in the newest version (removed by a later "
+                "commit, or written by an interrupted build); `index vacuum` deletes them after "
+                "their retention"
+            )
+    for path in sorted(store.folder.rglob(f".*{TMP_MARKER}*")):
+        report.notes.append(
+            f"{path.relative_to(store.folder)}: not committed (an interrupted write's; "
+            "the next build removes it)"
+        )

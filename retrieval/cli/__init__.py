@@ -64,6 +64,8 @@ model_app.command("info")(model.model_info)
 index_app.command("build")(index.index_build)
 index_app.command("info")(index.index_info)
 index_app.command("verify")(index.index_verify)
+index_app.command("vacuum")(index.index_vacuum)
+index_app.command("migrate")(index.index_migrate)
 search_app.command("text")(search.search_text)
 search_app.command("image")(search.search_image)
 

@@ -1,4 +1,4 @@
-"""``index build``, ``index info`` and ``index verify``."""
+"""``index build``, ``info``, ``verify``, ``vacuum`` and ``migrate``."""
 
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def index_info(
     for name, c in info["collections"].items():
         typer.echo(
             f"  {name:<9} {c['indexed']} indexed, {c['skipped']} skipped, {c['failed']} failed "
-            f"({c['shards']} shards, {c['deleted']} deleted rows)"
+            f"({c['shards']} files, table version {c['table_version']})"
         )
         if c["awaiting_index"]:
             searchable = f"{c['searchable']} searchable" if c["index"] else "not yet searchable"
@@ -203,7 +203,7 @@ def index_verify(
     folder: Annotated[Path, typer.Argument(help="Index folder.")] = Path("indexes/default"),
     as_json: Json = False,
 ) -> None:
-    """Check an index folder against its manifest: hashes, rows, ids, vectors, FAISS ids, model.
+    """Check an index folder against its tables and catalog: files, rows, ids, vectors, FAISS ids, model.
 
     Exit 0 only when every check holds; otherwise each problem is listed and the exit code is 2.
     """
@@ -226,3 +226,60 @@ def index_verify(
         typer.echo(f"{folder}: {verdict} ({where}) in {report.seconds:.2f} s")
     if not report.ok:
         raise typer.Exit(2)
+
+
+def index_vacuum(
+    folder: Annotated[Path, typer.Argument(help="Index folder.")] = Path("indexes/default"),
+    retain: Annotated[
+        str,
+        typer.Option("--retain", help="Keep every file a version younger than this needs (30m, 24h, 7d)."),
+    ] = "24h",
+    as_json: Json = False,
+) -> None:
+    """Delete the files no reader can still need: the only command that removes data files.
+
+    Readers pin the table versions they opened; a vacuum keeps every file of a version younger
+    than --retain, of the versions the FAISS indexes cover, and of builds in progress.
+    """
+    from retrieval.store.folder import Store
+
+    hours = _hours(retain)
+    with Store.open(folder, write=True) as store:
+        removed = store.vacuum(retain_hours=hours)
+    if as_json:
+        typer.echo(json.dumps({"folder": str(folder), "retain_hours": hours, "removed": removed}, indent=2))
+        return
+    typer.echo(f"{folder}: {len(removed)} files removed (kept what versions younger than {retain} need)")
+
+
+def index_migrate(
+    folder: Annotated[Path, typer.Argument(help="Index folder of the earlier format (manifest.json).")],
+    as_json: Json = False,
+) -> None:
+    """Convert an index folder of the earlier format to Delta tables and a catalog, in place."""
+    from retrieval.store.migrate import migrate_folder
+
+    report = migrate_folder(folder)
+    if as_json:
+        typer.echo(json.dumps(vars(report), indent=2))
+        return
+    if report.already:
+        typer.echo(f"{folder}: already in the current format")
+        return
+    rows = ", ".join(f"{name} {n} rows" for name, n in report.rows.items()) or "no rows"
+    kept = ", ".join(report.indexes_kept) or "none (the next `index build` builds them)"
+    typer.echo(f"{folder}: migrated to Delta tables ({rows}); FAISS indexes kept: {kept}")
+
+
+def _hours(text: str) -> float:
+    from retrieval.errors import ConfigError
+
+    units = {"m": 1 / 60, "h": 1.0, "d": 24.0}
+    value, unit = text[:-1], text[-1:].lower()
+    try:
+        hours = float(value) * units[unit]
+    except (KeyError, ValueError):
+        raise ConfigError(f"--retain {text!r}: give a number and a unit, e.g. 30m, 24h or 7d") from None
+    if hours < 0:
+        raise ConfigError("--retain must not be negative")
+    return hours

@@ -70,6 +70,7 @@ class Retriever:
         self.precision = precision
         self.model_paths = model or ModelPaths()
         self._encoder = encoder
+        self._own_encoder = encoder is None
         self._indexes: dict[str, SearchIndex] = {}
         self._rows: dict[str, _Rows] = {}
 
@@ -86,6 +87,30 @@ class Retriever:
         """Open an index folder. Its model loads on first use from where the index recorded it;
         ``model`` names files that moved (accepted when the fingerprint matches)."""
         return cls(Store.open(folder), device=device, precision=precision, encoder=encoder, model=model)
+
+    def refresh(self) -> bool:
+        """Move to the folder's newest published state (its newest FAISS indexes and table
+        versions). Until then the retriever keeps answering from the versions it opened, whatever
+        builds commit meanwhile. Returns whether anything changed."""
+        fresh = Store.open(self.store.folder)
+        if fresh.manifest == self.manifest:
+            fresh.close()
+            return False
+        old = self.store
+        self.store, self.manifest = fresh, fresh.manifest  # type: ignore[assignment]
+        self._indexes, self._rows = {}, {}
+        if (
+            self._encoder is not None
+            and self._own_encoder
+            and (
+                self._encoder.fingerprint is None
+                or self._encoder.fingerprint.digest != self.manifest.fingerprint
+            )
+        ):
+            self._encoder.close()
+            self._encoder = None  # a rebuild with another model: loaded again on first use
+        old.close()
+        return True
 
     # -- resources (lazy) ------------------------------------------------------------------------
 
@@ -140,12 +165,10 @@ class Retriever:
 
     def rows(self, target: Target) -> _Rows:
         if target not in self._rows:
-            deleted = self.store.deleted_ids(target)
             tables = [t for _, t in self.store.iter_shards(target, _ROW_COLUMNS[target])]
             if not tables:
                 raise StoreError(f"{self.store.folder} has no {target}")
-            table = pa.concat_tables(tables)
-            table = table.filter(pa.array(~np.isin(table.column("id").to_numpy(), deleted))).sort_by("id")
+            table = pa.concat_tables(tables).sort_by("id")
             table = table.combine_chunks()  # one chunk: a take of k rows stays a few microseconds
             self._rows[target] = _Rows(table.column("id").to_numpy(), table)
         return self._rows[target]

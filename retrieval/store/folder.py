@@ -1,17 +1,21 @@
-"""The index folder: Parquet shards per collection, committed by one manifest.
+"""The index folder: one Delta Lake table per collection and a catalog of FAISS indexes.
 
 Layout::
 
-    DIR/manifest.json                 the commit point: lists every file with sha256 and rows
-    DIR/images/shard-<first id>.parquet
-    DIR/images/deleted-g<gen>.parquet ids removed from search (files deleted or changed)
-    DIR/images/outcomes-g<gen>.jsonl  inputs skipped or failed, with the reason
-    DIR/captions/...                  the same for captions
-    DIR/.lock                         one writer at a time
+    DIR/catalog.json                     model, FAISS index files (sha256, table version), rebuild
+    DIR/images/                          a Delta table: shard-<first id>-v<version>.parquet files
+    DIR/images/_delta_log/               its transaction log (the commit point of every row change)
+    DIR/images/_retrieval/               the engine's own files: outcomes, build plans, FAISS indexes
+    DIR/captions/...                     the same for captions
+    DIR/_rebuild/images/, ...            the tables of a --rebuild in progress
+    DIR/.lock                            one writer at a time
 
-Shards are immutable. Every file is written atomically and the manifest last, so a crash leaves
-the previous commit or the new one. Files the manifest does not name (left by a crash) are removed
-when the next writer opens the folder. Every file's sha256 is checked before it is parsed.
+Data files are immutable and written atomically before the commit that names them; the catalog
+is written atomically. A reader pins what it opened: the table versions its FAISS indexes were
+built from (or a newer one that changed no row) and the files they name stay on disk until
+``vacuum`` removes them, after their retention. Every file is checked before its bytes are
+trusted: data files by the size their commit logged, their id range and their Parquet page
+checksums; other files by their sha256.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import hashlib
 import io
 import json
 import os
-import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,59 +40,151 @@ import pyarrow.parquet as pq
 from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes, before_read, file_sha256
 from retrieval.errors import IndexMismatchError, StoreError
 from retrieval.outcomes import Outcome
-from retrieval.store.manifest import COLLECTIONS, CollectionState, FileRef, Manifest
-
-__all__ = ["MANIFEST", "Store"]
-
-MANIFEST = "manifest.json"
-# The only names a store writes in a collection folder: anything else there is not ours to delete.
-_OWN_FILE = re.compile(
-    r"(shard-\d+(-g\d+)?(-r\d+)?\.parquet|(deleted|plan)-g\d+\.parquet|outcomes-g\d+\.jsonl|index-\w+-g\d+\.faiss)"
+from retrieval.store.manifest import (
+    COLLECTIONS,
+    SCHEMA_VERSION,
+    Catalog,
+    CollectionState,
+    FileRef,
+    IndexRecord,
+    Manifest,
+    Rebuild,
 )
+from retrieval.store.table import DeltaCollection
+
+__all__ = ["CATALOG", "LEGACY_MANIFEST", "REBUILD", "Store", "engine_folder", "new_manifest", "removed_file"]
+
+CATALOG = "catalog.json"
+LEGACY_MANIFEST = "manifest.json"  # the earlier format's commit point (index migrate reads it)
+REBUILD = "_rebuild"
+ENGINE = "_retrieval"  # in each table's folder: Delta's own vacuum leaves folders named _* alone
+
+
+def engine_folder(prefix: str) -> str:
+    """Where the engine's own files of the table at ``prefix`` go (relative to the index folder)."""
+    return f"{prefix}/{ENGINE}"
 
 
 class Store:
     """An index folder. ``Store.open(dir)`` to read; ``Store.open(dir, write=True)`` to change it.
 
-    ``committed`` is the manifest as written. ``manifest`` is what this store works on: for a
-    writer the same, for a reader its published view (rows that are in a FAISS index), so a
-    search beside a build never sees rows its index does not hold.
+    ``committed`` is the newest state (every table's newest version). ``manifest`` is what this
+    store works on: for a writer the same, for a reader its published view, pinned when it was
+    opened: each collection at the version its FAISS index covers, so that a search beside a build
+    never sees rows its index does not hold.
     """
 
     def __init__(self, folder: Path, manifest: Manifest | None, lock_fd: int | None) -> None:
         self.folder = folder
         self.committed = manifest
-        self.manifest = manifest if lock_fd is not None or manifest is None else manifest.published()
+        self.manifest = manifest
         self._lock_fd = lock_fd
 
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, folder: str | Path, *, write: bool = False) -> Store:
-        """Open ``folder``. Writers take the folder's lock (or fail at once) and clean up after crashes."""
+        """Open ``folder``. Writers take the folder's lock (or fail at once)."""
         folder = Path(folder)
-        if not write and not (folder / MANIFEST).is_file():
-            raise StoreError(f"{folder} is not an index folder (no {MANIFEST})")
+        if (folder / LEGACY_MANIFEST).is_file() and not (folder / CATALOG).is_file():
+            raise StoreError(
+                f"{folder} is an index folder of the earlier format: run `index migrate {folder}` "
+                "to convert it to Delta tables"
+            )
+        if not write and not (folder / CATALOG).is_file():
+            raise StoreError(f"{folder} is not an index folder (no {CATALOG})")
         lock_fd = None
         if write:
             folder.mkdir(parents=True, exist_ok=True)
             lock_fd = _take_lock(folder)
         try:
-            manifest = _read_manifest(folder)
-            store = cls(folder, manifest, lock_fd)
+            store = cls(folder, None, lock_fd)
+            store._load(pinned=not write)
             if write:
-                store.collect_garbage()
+                store._remove_temporaries()
         except BaseException:
             if lock_fd is not None:
                 _release_lock(folder, lock_fd)
             raise
         return store
 
+    def _load(self, *, pinned: bool) -> None:
+        catalog = _read_catalog(self.folder)
+        if catalog is None:
+            if any(self.table(c).exists for c in COLLECTIONS):
+                raise StoreError(f"{self.folder / CATALOG} is missing: the folder's catalog was removed")
+            self.committed = self.manifest = None
+            return
+        newest: dict[str, CollectionState] = {}
+        for c in COLLECTIONS:
+            state = self._state(self.table(c), catalog.indexes.get(c), pinned=False)
+            if state is not None:
+                newest[c] = state
+        rebuild = None
+        if catalog.rebuild is not None:
+            model, indexes = catalog.rebuild
+            states = {
+                c: self._state(self.rebuild_table(c), indexes.get(c), pinned=False) for c in COLLECTIONS
+            }
+            rebuild = Rebuild(model, {c: s for c, s in states.items() if s is not None})
+        self.committed = Manifest(
+            catalog.schema_version,
+            catalog.generation,
+            catalog.model,
+            newest,
+            catalog.engine_version,
+            catalog.updated,
+            rebuild,
+            catalog.retired,
+        )
+        if not pinned:
+            self.manifest = self.committed
+            return
+        published = {}
+        for c in COLLECTIONS:
+            state = self._state(self.table(c), catalog.indexes.get(c), pinned=True, newest=newest.get(c))
+            if state is not None:
+                published[c] = state
+        self.manifest = dataclasses.replace(self.committed, collections=published, rebuild=None)
+
+    def _state(
+        self,
+        table: DeltaCollection,
+        index: IndexRecord | None,
+        *,
+        pinned: bool,
+        newest: CollectionState | None = None,
+    ) -> CollectionState | None:
+        """A collection's state: its newest version, or (``pinned``) the one its index covers."""
+        if not table.exists:
+            return None
+        if pinned:
+            if index is None or index.version is None:
+                return None  # nothing is searchable before its index is built
+            if newest is not None and newest.rows_version == index.rows_version:
+                return dataclasses.replace(newest, index=index)
+            version: int | None = index.version
+        else:
+            version = None
+        snap = table.snapshot(version)
+        state = CollectionState.from_counters(snap.counters, snap.files, snap.version)
+        return dataclasses.replace(state, index=index)
+
+    def table(self, collection: str) -> DeltaCollection:
+        return DeltaCollection(self.folder, collection, collection)
+
+    def rebuild_table(self, collection: str) -> DeltaCollection:
+        return DeltaCollection(self.folder, f"{REBUILD}/{collection}", collection)
+
     def viewing(self, manifest: Manifest) -> Store:
         """A reader of this folder that sees ``manifest`` as it is (a build's state in progress)."""
         view = Store(self.folder, manifest, None)
         view.manifest = manifest
         return view
+
+    def refreshed(self) -> Store:
+        """A new reader of this folder at its newest published state."""
+        return Store.open(self.folder)
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -108,47 +204,126 @@ class Store:
             raise StoreError(f"{self.folder} was opened read-only")
 
     def write_table(self, name: str, table: pa.Table) -> FileRef:
-        """Write ``table`` as Parquet at ``name`` (relative), atomically; return its reference."""
+        """Write ``table`` as Parquet at ``name`` (relative), atomically; return its reference.
+
+        Page checksums are written so that a reader detects damage without a hash of the whole
+        file.
+        """
         self._require_writer()
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd", write_statistics=True)
-        return self._write_bytes(name, buffer.getvalue(), table.num_rows)
+        pq.write_table(table, buffer, compression="zstd", write_statistics=True, write_page_checksum=True)
+        ref = self.write_bytes(name, buffer.getvalue(), table.num_rows)
+        if "id" in table.column_names and table.num_rows:
+            ids = table.column("id").to_numpy()
+            ref = dataclasses.replace(ref, first=int(ids.min()), last=int(ids.max()))
+        return ref
 
     def write_outcomes(self, name: str, outcomes: Sequence[Outcome]) -> FileRef:
         """Write the skipped and failed inputs as JSON lines, sorted by source."""
         ordered = sorted(outcomes, key=lambda o: (o.source, o.stage, o.reason))
         lines = [json.dumps(o.to_dict(), sort_keys=True, ensure_ascii=False) for o in ordered]
         data = ("\n".join(lines) + "\n" if lines else "").encode()
-        return self._write_bytes(name, data, len(lines))
+        return self.write_bytes(name, data, len(lines))
 
-    def _write_bytes(self, name: str, data: bytes, rows: int) -> FileRef:
+    def write_bytes(self, name: str, data: bytes, rows: int) -> FileRef:
         self._require_writer()
         atomic_write_bytes(self.folder / name, data)
         return FileRef(name, hashlib.sha256(data).hexdigest(), rows, len(data))
 
-    def commit(self, manifest: Manifest) -> Manifest:
-        """Make ``manifest`` the folder's state (the last write of every change)."""
+    def commit_rows(
+        self,
+        table: DeltaCollection,
+        state: CollectionState,
+        schema: pa.Schema,
+        description: dict[str, Any],
+        adds: Sequence[FileRef] = (),
+        removes: Sequence[FileRef] = (),
+        *,
+        rows_changed: bool | None = None,
+    ) -> CollectionState:
+        """Commit ``state``'s counters with ``adds`` in and ``removes`` out: one table commit.
+
+        ``rows_changed`` (default: whether files come or go) says whether ids or vectors changed:
+        a rewrite that only refreshes file stats keeps the FAISS index current."""
         self._require_writer()
-        committed = dataclasses.replace(manifest, updated=time.time())
-        atomic_write(self.folder / MANIFEST, lambda tmp: tmp.write_text(committed.to_json()))
+        gone = {f.file for f in removes}
+        shards = [f for f in state.shards if f.file not in gone]
+        shards += list(adds)
+        shards.sort(key=lambda f: (f.first if f.first is not None else -1, f.file))
+        version = (state.version + 1) if state.version is not None else 0
+        if rows_changed is None:
+            rows_changed = bool(adds or removes)
+        if rows_changed or state.rows_version is None:
+            state = dataclasses.replace(state, rows_version=version)
+        version_done = table.commit(adds, removes, state.counters(), schema, description)
+        if version_done != version:
+            raise StoreError(f"{table.path}: committed version {version_done}, expected {version}")
+        return dataclasses.replace(state, shards=tuple(shards), version=version)
+
+    def commit_catalog(self, manifest: Manifest) -> Manifest:
+        """Write ``manifest``'s catalog (model, FAISS indexes, rebuild): one atomic write."""
+        self._require_writer()
+        now = time.time()
+        before = self.committed.catalog().files() if self.committed else set()
+        retired = dict(manifest.retired)
+        retired.update({f: now for f in before - manifest.catalog().files() if f not in retired})
+        committed = dataclasses.replace(
+            manifest, generation=manifest.generation + 1, updated=now, retired=retired
+        )
+        text = committed.catalog().to_json()
+        atomic_write(self.folder / CATALOG, lambda tmp: tmp.write_text(text))
         self.manifest = self.committed = committed
         return committed
 
-    def collect_garbage(self) -> None:
-        """Remove files the manifest does not name: temporaries, files of earlier generations and
-        shards of a build that crashed. Writers call it when they open the folder and when done."""
+    def _remove_temporaries(self) -> None:
+        """Temporaries of a write that crashed (never a committed file or one a reader may hold)."""
+        for path in self.folder.rglob(f".*{TMP_MARKER}*"):
+            if path.is_file():
+                path.unlink()
+
+    def vacuum(self, retain_hours: float = 24.0) -> list[str]:
+        """Delete the files no reader within ``retain_hours`` can need; the relative paths deleted.
+
+        Kept: every file of a table version younger than that and of the versions the FAISS
+        indexes cover; the engine's own files those versions name; FAISS files the catalog names
+        or retired less than that ago. Files no commit names (an interrupted build's) go once
+        older than the retention.
+        """
         self._require_writer()
-        named = {f.file for f in self.manifest.files()} if self.manifest else set()
-        for name in COLLECTIONS:
-            folder = self.folder / name
-            if not folder.is_dir():
-                continue
-            for path in folder.iterdir():
-                ours = _OWN_FILE.fullmatch(path.name) or TMP_MARKER in path.name
-                if ours and f"{name}/{path.name}" not in named and path.is_file():
+        manifest = self.committed
+        if manifest is None:
+            return []
+        cutoff = time.time() - retain_hours * 3600
+        removed: list[str] = []
+        for name, state in manifest.collections.items():
+            table = self.table(name)
+            keep = (
+                [state.index.version] if state.index is not None and state.index.version is not None else []
+            )
+            removed += table.vacuum(retain_hours, keep)
+            needed = table.engine_files(cutoff, keep)
+            folder = self.folder / engine_folder(table.prefix)
+            for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+                relative = str(path.relative_to(self.folder))
+                if relative not in needed and path.stat().st_mtime < cutoff:
                     path.unlink()
-        for path in self.folder.glob(f".*{TMP_MARKER}*"):
-            path.unlink()
+                    removed.append(relative)
+        named = manifest.catalog().files()
+        retired = dict(manifest.retired)
+        for path in sorted((self.folder / "faiss").glob("*.faiss")):
+            relative = str(path.relative_to(self.folder))
+            since = retired.get(relative, path.stat().st_mtime)
+            if relative not in named and since < cutoff:
+                path.unlink()
+                removed.append(relative)
+                retired.pop(relative, None)
+        if retired != manifest.retired:
+            self.commit_catalog(dataclasses.replace(manifest, retired=retired))
+        return removed
+
+    def discard_rebuild(self) -> None:
+        """Remove the tables of a rebuild that is promoted or abandoned (readers never use them)."""
+        shutil.rmtree(self.folder / REBUILD, ignore_errors=True)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -158,7 +333,11 @@ class Store:
         return FileRef(name, file_sha256(path), rows, path.stat().st_size)
 
     def verify(self, ref: FileRef) -> None:
-        """Refuse a file whose bytes no longer hash to the manifest's sha256 (hashed as a stream)."""
+        """Refuse a file whose bytes fail their check: the recorded sha256, or for data files the
+        logged size and every page checksum (the file is parsed whole)."""
+        if not ref.sha256:
+            self.read_table(ref)
+            return
         path = self.folder / ref.file
         try:
             before_read(path)
@@ -166,58 +345,67 @@ class Store:
         except OSError as e:
             raise StoreError(f"{path}: missing or unreadable ({e.strerror or e})") from e
         if digest != ref.sha256:
-            raise StoreError(f"{path} does not match its sha256 in the manifest (truncated or altered)")
+            raise StoreError(f"{path} does not match its sha256 (truncated or altered)")
 
     def read_file(self, ref: FileRef) -> bytes:
-        """The bytes of ``ref``, refused unless they hash to what the manifest recorded."""
+        """The bytes of ``ref``, refused unless they hash (or measure) to what was recorded."""
         path = self.folder / ref.file
         try:
             before_read(path)
             data = path.read_bytes()
         except OSError as e:
             raise StoreError(f"{path}: missing or unreadable ({e.strerror or e})") from e
-        if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise StoreError(f"{path} does not match its sha256 in the manifest (truncated or altered)")
+        if len(data) != ref.bytes:
+            raise StoreError(
+                f"{path} has {len(data)} bytes, its commit logged {ref.bytes} (truncated or altered)"
+            )
+        if ref.sha256 and hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise StoreError(f"{path} does not match its sha256 (truncated or altered)")
         return data
 
     def read_table(self, ref: FileRef, columns: Sequence[str] | None = None) -> pa.Table:
-        """A Parquet file of the store, hash-checked before it is parsed, its rows counted."""
+        """A Parquet file of the store, checked before it is trusted, its rows counted."""
         return self.parse_table(ref, self.read_file(ref), columns)
 
     def parse_table(self, ref: FileRef, data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
-        """``data``, the checked bytes of ``ref``, as a table of the recorded number of rows."""
+        """``data``, the size-checked bytes of ``ref``, as a table of the recorded rows and ids.
+
+        Every page's checksum is verified as it is read; ``embedding`` comes back as
+        ``fixed_size_list<float32>[D]`` (the files store it as a list, which every Delta reader
+        takes), refused unless each row holds exactly D values.
+        """
+        path = self.folder / ref.file
+        wanted = list(columns) if columns else None
+        if wanted is not None and ref.first is not None and "id" not in wanted:
+            wanted = ["id", *wanted]
         try:
-            table = pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
+            table = pq.read_table(pa.BufferReader(data), columns=wanted, page_checksum_verification=True)
         except Exception as e:
-            raise StoreError(f"{self.folder / ref.file}: unreadable Parquet: {e}") from e
+            raise StoreError(f"{path}: damaged or unreadable Parquet ({_first_line(e)})") from e
         if table.num_rows != ref.rows:
-            raise StoreError(
-                f"{self.folder / ref.file} has {table.num_rows} rows, the manifest says {ref.rows}"
-            )
+            raise StoreError(f"{path} has {table.num_rows} rows, its commit logged {ref.rows}")
+        if ref.first is not None and table.num_rows and "id" in table.column_names:
+            ids = table.column("id").to_numpy()
+            if int(ids.min()) != ref.first or int(ids.max()) != ref.last:
+                raise StoreError(
+                    f"{path} holds ids {int(ids.min())}-{int(ids.max())}, its commit logged "
+                    f"{ref.first}-{ref.last} (truncated or altered)"
+                )
+        if "embedding" in table.column_names:
+            table = _fixed_embedding(table, self._dim(), path)
+        if columns:
+            table = table.select(list(columns))
         return table
 
+    def _dim(self) -> int | None:
+        fingerprint = self.manifest.model.get("fingerprint") if self.manifest else None
+        return int(fingerprint["dim"]) if isinstance(fingerprint, dict) and "dim" in fingerprint else None
+
     def live_rows(self, collection: str, columns: Sequence[str]) -> Iterator[tuple[FileRef, pa.Table]]:
-        """Each shard's rows still in search (deleted ones dropped), ``columns`` only.
-
-        The one place deletions are applied; every reader of rows goes through it. Each table
-        also has ``_row``, the row's position in its shard (to find its vector again).
-        """
-        deleted = self.deleted_ids(collection)
-        wanted = ["id", *(c for c in columns if c != "id")]
-        for ref, table in self.iter_shards(collection, wanted):
-            positions = np.arange(table.num_rows, dtype=np.int64)
-            keep = pa.array(~np.isin(table.column("id").to_numpy(), deleted))
-            live = table.append_column("_row", pa.array(positions)).filter(keep)
-            yield ref, live.select([*columns, "_row"])
-
-    def deleted_ids(self, collection: str) -> np.ndarray:
-        return self.read_ids(self.state(collection).deleted)
-
-    def read_ids(self, ref: FileRef | None) -> np.ndarray:
-        """The ``id`` column of a file (a deletion list), (n,) int64; empty for None."""
-        if ref is None:
-            return np.empty(0, dtype=np.int64)
-        return self.read_table(ref, ["id"]).column("id").to_numpy()
+        """Each data file's rows, ``columns`` only, with ``_row``: the row's place in its file."""
+        for ref, table in self.iter_shards(collection, columns):
+            positions = pa.array(np.arange(table.num_rows, dtype=np.int64))
+            yield ref, table.append_column("_row", positions)
 
     def outcomes(self, collection: str) -> list[Outcome]:
         return self.outcomes_of(self.state(collection))
@@ -237,7 +425,7 @@ class Store:
     def iter_shards(
         self, collection: str, columns: Sequence[str] | None = None
     ) -> Iterator[tuple[FileRef, pa.Table]]:
-        """Each committed shard of ``collection`` (hash-checked), with deleted rows still in it."""
+        """Each live data file of ``collection`` (checked as it is read)."""
         for ref in self.state(collection).shards:
             yield ref, self.read_table(ref, columns)
 
@@ -256,8 +444,8 @@ class Store:
             collections[name] = {
                 **{k: state.counts.get(k, 0) for k in ("indexed", "skipped", "failed")},
                 "shards": len(state.shards),
-                "rows": sum(f.rows for f in state.shards),
-                "deleted": state.deleted.rows if state.deleted else 0,
+                "rows": state.rows,
+                "table_version": state.version,
                 "next_id": state.next_id,
                 "root": state.root,
                 "index": state.index.to_dict() if state.index else None,
@@ -293,17 +481,56 @@ class Store:
             )
 
 
-def _read_manifest(folder: Path) -> Manifest | None:
-    path = folder / MANIFEST
+def new_manifest(model: dict[str, Any]) -> Manifest:
+    return Manifest(SCHEMA_VERSION, 0, model, {})
+
+
+def removed_file(folder: Path, path: Path, digest: str) -> FileRef | None:
+    """A data file on disk as a reference to read it by (its rows and size as they are now), if
+    its metadata names the model ``digest``; None for another model's or an unreadable file."""
+    try:
+        meta = pq.read_metadata(path)
+        fingerprint = json.loads((meta.metadata or {}).get(b"retrieval.fingerprint", b"{}"))
+        size = path.stat().st_size
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    if not isinstance(fingerprint, dict) or fingerprint.get("digest") != digest:
+        return None
+    return FileRef(str(path.relative_to(folder)), "", meta.num_rows, size)
+
+
+def _fixed_embedding(table: pa.Table, dim: int | None, path: Path) -> pa.Table:
+    column = table.column("embedding").combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        return table
+    if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
+        raise StoreError(f"{path}: embedding is {column.type}, not a list of float32")
+    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+    width = dim if dim is not None else (int(lengths[0]) if len(lengths) else 0)
+    if column.null_count or (len(lengths) and not (lengths == width).all()):
+        raise StoreError(f"{path}: embeddings are not all {width} wide")
+    values = column.flatten()
+    if not pa.types.is_float32(values.type):
+        raise StoreError(f"{path}: embedding values are {values.type}, not float32")
+    fixed = pa.FixedSizeListArray.from_arrays(values, width)
+    return table.set_column(table.schema.get_field_index("embedding"), "embedding", fixed)
+
+
+def _read_catalog(folder: Path) -> Catalog | None:
+    path = folder / CATALOG
     if not path.is_file():
         return None
     try:
         before_read(path)
-        return Manifest.from_json(path.read_text())
+        return Catalog.from_json(path.read_text())
     except StoreError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise StoreError(f"{path} is unreadable or damaged: {e}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # Folders this process holds the lock of. A POSIX record lock does not exclude its own process,

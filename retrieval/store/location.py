@@ -18,7 +18,7 @@ from typing import Any
 
 from retrieval.errors import StoreError
 from retrieval.model.spec import ModelSpec
-from retrieval.store.folder import MANIFEST, Store
+from retrieval.store.folder import CATALOG, LEGACY_MANIFEST, Store
 
 __all__ = ["MODEL_PARTS", "ModelPaths", "index_model", "model_record", "recorded_spec", "remember_model"]
 
@@ -75,9 +75,9 @@ def recorded_spec(record: dict[str, Any], folder: Path) -> ModelSpec:
 
 def index_model(folder: Path) -> ModelSpec | None:
     """The model files an index folder records, or None when ``folder`` holds no index yet."""
-    if not (folder / MANIFEST).is_file():
+    if not (folder / CATALOG).is_file() and not (folder / LEGACY_MANIFEST).is_file():
         return None
-    with Store.open(folder) as store:  # a damaged or unreadable manifest is an error, not "none"
+    with Store.open(folder) as store:  # a damaged or unreadable catalog is an error, not "none"
         manifest = store.committed
     if manifest is None or not {"checkpoint", "text_model", "vision_model"} <= set(manifest.model):
         return None
@@ -100,5 +100,5 @@ def remember_model(folder: Path, spec: ModelSpec, checkpoint_stat: list[int] | N
             return False
         record = model_record(spec, folder, manifest.model.get("fingerprint", {}), checkpoint_stat)
         if record != manifest.model:
-            store.commit(dataclasses.replace(manifest, model=record))
+            store.commit_catalog(dataclasses.replace(manifest, model=record))
     return True

@@ -1,17 +1,23 @@
-"""The manifest: an index folder's whole committed state as typed, frozen records, and its JSON.
+"""An index folder's committed state as typed, frozen records, and their JSON.
 
-``Manifest`` names every file of every collection (``FileRef``: path, sha256, rows, bytes), the
-model (``model``: where it lives and its fingerprint), each collection's counters, the FAISS index
-built for it (``IndexRecord``, with the rows it covers), and the plan of a build in progress
-(``PlanRecord``: the ids reserved for each input, so that items may commit in any order and a
-rerun after a crash gives every input the id it was planned with). A ``--rebuild`` in progress is
-a second state beside the first (``Rebuild``): readers keep seeing the first until it is promoted.
+The state lives in two places, each written in one atomic step:
+
+- each collection's **Delta Lake table** (``retrieval.store.table``): its data files, and in the
+  commit's own metadata the collection's counters (``CollectionState``: next id, outcomes, root,
+  caption sources done, the plan of a build in progress);
+- the **catalog** (``Catalog``, ``catalog.json``): the model, each collection's FAISS index
+  (``IndexRecord``: its file with sha256, and the table version it was built from) and a
+  ``--rebuild`` in progress.
+
+``Manifest`` is the two joined, as a reader or writer of the folder sees them. ``FileRef`` names
+one file: path relative to the folder, sha256 where one is recorded (FAISS indexes, outcome and
+plan files; data files are checked by their logged size and Parquet page checksums), rows, bytes
+and, for data files, the id range that Delta's statistics log for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,28 +28,29 @@ from retrieval.errors import StoreError
 __all__ = [
     "COLLECTIONS",
     "SCHEMA_VERSION",
+    "Catalog",
     "CollectionState",
     "FileRef",
     "IndexRecord",
     "Manifest",
     "PlanRecord",
     "Rebuild",
-    "index_source",
-    "shard_stem",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: the earlier folder format (one manifest.json), migrated by `index migrate`
 COLLECTIONS = ("images", "captions")
 
 
 @dataclass(frozen=True)
 class FileRef:
-    """A file of the store, relative to its folder, with what it must hash to."""
+    """A file of the store, relative to its folder, with what it must hash to or measure."""
 
     file: str
-    sha256: str
+    sha256: str  # "" for data files: their logged size and page checksums are checked instead
     rows: int
     bytes: int
+    first: int | None = None  # data files: the smallest and largest id they hold (Delta stats)
+    last: int | None = None
 
     @classmethod
     def parse(cls, data: dict[str, Any] | None) -> FileRef | None:
@@ -53,7 +60,8 @@ class FileRef:
 @dataclass(frozen=True)
 class IndexRecord:
     """A built FAISS index: its file, kind and tuned parameter, what it measured, and the rows it
-    covers (``source``, the ``shards`` prefix and the deletion list it was built with)."""
+    covers: those of its table at ``version`` (``rows_version``: the last commit that changed
+    them; a later commit that changed no id or vector keeps the index current)."""
 
     file: FileRef
     kind: str
@@ -67,9 +75,8 @@ class IndexRecord:
     build_seconds: float
     reason: str | None = None  # why this kind (auto's choice, or a kind the collection is too small for)
     requested: str = "auto"  # the kind asked for
-    source: str | None = None  # index_source() of the collection it was built from
-    shards: int | None = None  # readers see this many shards ...
-    deleted: FileRef | None = None  # ... less the ids in this deletion list
+    version: int | None = None  # the table version it was built from
+    rows_version: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,8 +84,8 @@ class IndexRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexRecord:
         names = {f.name for f in dataclasses.fields(cls)}
-        known = {"refine": None, "reason": None} | {k: v for k, v in data.items() if k in names}
-        return cls(**known | {"file": FileRef(**data["file"]), "deleted": FileRef.parse(data.get("deleted"))})
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known | {"file": FileRef(**data["file"])})
 
 
 @dataclass(frozen=True)
@@ -91,77 +98,69 @@ class PlanRecord:
 
 @dataclass(frozen=True)
 class CollectionState:
-    """One collection's committed files and counters."""
+    """One collection at one table version: its live data files and its counters."""
 
-    shards: tuple[FileRef, ...] = ()
+    shards: tuple[FileRef, ...] = ()  # the live data files, by first id
     next_id: int = 0
-    deleted: FileRef | None = None
     outcomes: FileRef | None = None
     root: str | None = None  # images: the folder the paths are relative to
-    # Caption sources (files, sidecars) fully indexed: path -> [size, mtime_ns].
+    # Caption sources (files) fully indexed: path -> [size, mtime_ns].
     sources: dict[str, list[int]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)  # indexed, skipped, failed
     index: IndexRecord | None = None
     plan: PlanRecord | None = None
-
-    def files(self) -> list[FileRef]:
-        extra = [self.deleted, self.outcomes]
-        if self.index is not None:
-            extra += [self.index.file, self.index.deleted]
-        if self.plan is not None:
-            extra.append(self.plan.file)
-        unique = {f.file: f for f in extra if f is not None}
-        return [*self.shards, *unique.values()]
-
-    def published(self) -> CollectionState:
-        """What readers see: the rows the FAISS index was built from, and nothing without one.
-
-        A build commits item by item, so that a crash costs at most the work in flight, and
-        rebuilds the index last; the rows it committed meanwhile are published with the new
-        index, in the same manifest write.
-        """
-        if self.index is None:
-            return dataclasses.replace(self, shards=(), deleted=None)
-        if self.index.shards is None:  # recorded before snapshots: the index covered every row
-            return self
-        return dataclasses.replace(self, shards=self.shards[: self.index.shards], deleted=self.index.deleted)
+    version: int | None = None  # the table version; None: no table yet
+    rows_version: int | None = None  # the last version whose commit changed ids or vectors
+    promoted: str | None = None  # the model digest of the rebuild this version made the table's
 
     @property
     def index_current(self) -> bool:
         """The FAISS index covers exactly the committed rows."""
-        if self.index is None:
-            return False
-        return self.index.source in (index_source(self), _sha_source(self))
+        return self.index is not None and self.index.rows_version == self.rows_version
 
     @property
     def awaiting_index(self) -> bool:
         """Rows committed that no FAISS index covers yet (a build stopped, or one in progress)."""
         return self.counts.get("indexed", 0) > 0 and not self.index_current
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["index"] = self.index.to_dict() if self.index else None
-        return data
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.shards)
+
+    def counters(self) -> dict[str, Any]:
+        """What a commit records of this state beside its data files (the table's commit metadata)."""
+        return {
+            "next_id": self.next_id,
+            "outcomes": dataclasses.asdict(self.outcomes) if self.outcomes else None,
+            "root": self.root,
+            "sources": self.sources,
+            "counts": self.counts,
+            "plan": dataclasses.asdict(self.plan) if self.plan else None,
+            "rows_version": self.rows_version,
+            "promoted": self.promoted,
+        }
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> CollectionState:
+    def from_counters(cls, raw: dict[str, Any], shards: tuple[FileRef, ...], version: int) -> CollectionState:
         plan = raw.get("plan")
         return cls(
-            shards=tuple(FileRef(**f) for f in raw["shards"]),
+            shards=shards,
             next_id=int(raw["next_id"]),
-            deleted=FileRef.parse(raw.get("deleted")),
             outcomes=FileRef.parse(raw.get("outcomes")),
             root=raw.get("root"),
             sources={k: list(v) for k, v in raw.get("sources", {}).items()},
-            index=IndexRecord.from_dict(raw["index"]) if raw.get("index") else None,
             counts=dict(raw.get("counts", {})),
             plan=PlanRecord(FileRef(**plan["file"]), int(plan["first_id"])) if plan else None,
+            version=version,
+            rows_version=raw.get("rows_version"),
+            promoted=raw.get("promoted"),
         )
 
 
 @dataclass(frozen=True)
 class Rebuild:
-    """A ``--rebuild`` in progress: its model and collections, promoted when it is done."""
+    """A ``--rebuild`` in progress: its model and collections (tables beside the live ones),
+    promoted when it is done."""
 
     model: dict[str, Any]
     collections: dict[str, CollectionState]
@@ -170,61 +169,87 @@ class Rebuild:
 @dataclass(frozen=True)
 class Manifest:
     schema_version: int
-    generation: int
+    generation: int  # of the catalog: one more at each of its writes
     model: dict[str, Any]  # checkpoint / tower paths and the fingerprint
     collections: dict[str, CollectionState]
     engine_version: str = __version__
     updated: float = 0.0
     rebuild: Rebuild | None = None
-
-    def published(self) -> Manifest:
-        """The manifest as readers see it (``CollectionState.published`` for each collection)."""
-        collections = {name: state.published() for name, state in self.collections.items()}
-        return dataclasses.replace(self, collections=collections, rebuild=None)
+    retired: dict[str, float] = field(default_factory=dict)  # FAISS files no longer named: since when
 
     @property
     def fingerprint(self) -> str | None:
         return _digest(self.model)
 
-    def files(self) -> list[FileRef]:
-        """Every file this manifest names, a rebuild in progress included."""
-        states = list(self.collections.values())
+    def catalog(self) -> Catalog:
+        """The catalog this manifest records (its FAISS indexes, model and rebuild)."""
+        indexes = {n: s.index for n, s in self.collections.items() if s.index is not None}
+        rebuild = None
         if self.rebuild is not None:
-            states += list(self.rebuild.collections.values())
-        return [f for state in states for f in state.files()]
+            rebuild_indexes = {n: s.index for n, s in self.rebuild.collections.items() if s.index}
+            rebuild = (self.rebuild.model, rebuild_indexes)
+        return Catalog(
+            self.schema_version, self.generation, self.model, indexes, rebuild, self.updated, self.retired
+        )
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """``catalog.json``: the model, the FAISS index of each collection, a rebuild in progress."""
+
+    schema_version: int
+    generation: int
+    model: dict[str, Any]
+    indexes: dict[str, IndexRecord]
+    rebuild: tuple[dict[str, Any], dict[str, IndexRecord]] | None = None  # its model and indexes
+    updated: float = 0.0
+    retired: dict[str, float] = field(default_factory=dict)
+    engine_version: str = __version__
+
+    def files(self) -> set[str]:
+        """The FAISS files this catalog names (a rebuild's included)."""
+        records = list(self.indexes.values()) + (list(self.rebuild[1].values()) if self.rebuild else [])
+        return {r.file.file for r in records}
 
     def to_json(self) -> str:
-        data = dataclasses.asdict(self)
-        data["collections"] = {name: state.to_dict() for name, state in self.collections.items()}
+        data: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "generation": self.generation,
+            "engine_version": self.engine_version,
+            "updated": self.updated,
+            "model": self.model,
+            "indexes": {n: r.to_dict() for n, r in self.indexes.items()},
+            "rebuild": None,
+            "retired": self.retired,
+        }
         if self.rebuild is not None:
-            data["rebuild"] = {
-                "model": self.rebuild.model,
-                "collections": {name: s.to_dict() for name, s in self.rebuild.collections.items()},
-            }
+            model, indexes = self.rebuild
+            data["rebuild"] = {"model": model, "indexes": {n: r.to_dict() for n, r in indexes.items()}}
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
+    def from_json(cls, text: str) -> Catalog:
         data = json.loads(text)
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(
-                f"manifest schema version {version} is not supported (this engine reads {SCHEMA_VERSION})"
+                f"catalog schema version {version} is not supported (this engine reads {SCHEMA_VERSION})"
             )
         rebuild = data.get("rebuild")
         return cls(
             schema_version=version,
             generation=int(data["generation"]),
             model=dict(data["model"]),
-            collections={k: CollectionState.from_dict(v) for k, v in data["collections"].items()},
-            engine_version=str(data.get("engine_version", "")),
-            updated=float(data.get("updated", 0.0)),
-            rebuild=Rebuild(
+            indexes={k: IndexRecord.from_dict(v) for k, v in data["indexes"].items()},
+            rebuild=(
                 dict(rebuild["model"]),
-                {k: CollectionState.from_dict(v) for k, v in rebuild["collections"].items()},
+                {k: IndexRecord.from_dict(v) for k, v in rebuild["indexes"].items()},
             )
             if rebuild
             else None,
+            updated=float(data.get("updated", 0.0)),
+            retired={k: float(v) for k, v in data.get("retired", {}).items()},
+            engine_version=str(data.get("engine_version", "")),
         )
 
 
@@ -232,26 +257,3 @@ def _digest(model: dict[str, Any]) -> str | None:
     raw = model.get("fingerprint")
     value = raw.get("digest") if isinstance(raw, dict) else None
     return str(value) if value else None
-
-
-def index_source(state: CollectionState) -> str:
-    """Which rows an index covers: its shards (by first id and rows) and the deletion file.
-
-    A shard rewritten only to refresh file stats (same ids and vectors, ``-r<gen>`` in its name)
-    keeps its place in this key, so the index is not rebuilt for it.
-    """
-    names = [f"{shard_stem(f.file)}:{f.rows}" for f in state.shards]
-    names.append(state.deleted.sha256 if state.deleted else "")
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()
-
-
-def _sha_source(state: CollectionState) -> str:
-    """The key indexes recorded before shards were keyed by name: their sha256s and the deletions'.
-    Folders built then keep their indexes until their rows change."""
-    names = [f.sha256 for f in state.shards] + [state.deleted.sha256 if state.deleted else ""]
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()
-
-
-def shard_stem(name: str) -> str:
-    """``images/shard-000000000004`` for that shard and for each rewrite of it (``-r<gen>``)."""
-    return name.removesuffix(".parquet").split("-r")[0]

@@ -1,9 +1,11 @@
-"""One schema per collection: the Parquet columns of its shards and the frozen row type that fills them.
+"""One schema per collection: the columns of its Delta table and the frozen row type that fills them.
 
-The writer builds shards only through ``shard_table``, readers and ``index verify`` take their
+The writer builds data files only through ``shard_table``, readers and ``index verify`` take their
 column lists from here, and the README's description of the index folder follows these two
-schemas. ``embedding`` is ``fixed_size_list<float32>[D]``, unit norm; metadata of each file names
-the schema version, the collection and the model fingerprint.
+schemas. ``embedding`` is unit norm, D float32 values per row: on disk a ``list<float32>`` (Delta's
+``array<float>``, which duckdb, polars and Spark read; Delta has no fixed-size list type), and
+``fixed_size_list<float32>[D]`` once the store has read and checked it. The Parquet metadata of each
+file names the schema version, the collection and the model fingerprint.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "file_metadata",
     "schema",
     "shard_table",
+    "table_description",
 ]
 
 
@@ -85,12 +88,22 @@ CAPTION_COLUMNS = ("id", *(f.name for f in dataclasses.fields(CaptionRow)), "emb
 
 
 def schema(collection: str, dim: int) -> pa.Schema:
-    """The Parquet schema of ``collection``'s shards with ``dim``-wide vectors."""
+    """The schema of ``collection``'s table (``dim``-wide vectors, stored as a list)."""
     row_type = _ROW_TYPES[collection]
     fields = [pa.field("id", pa.int64())]
     fields += [pa.field(f.name, _ARROW[f.name]) for f in dataclasses.fields(row_type)]
-    fields.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
+    fields.append(pa.field("embedding", pa.list_(pa.float32())))
     return pa.schema(fields)
+
+
+def table_description(collection: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What a collection's Delta table records as its description: schema version and model."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "collection": collection,
+        "dim": int(fingerprint["dim"]),
+        "fingerprint": fingerprint.get("digest"),
+    }
 
 
 def file_metadata(collection: str, fingerprint: dict[str, Any]) -> dict[bytes, bytes]:
@@ -122,5 +135,7 @@ def shard_table(
         if f.name == "flags":
             values = [list(v) for v in values]
         columns[f.name] = pa.array(values, _ARROW[f.name])
-    columns["embedding"] = embedding_array(vectors)
+    fixed = embedding_array(vectors)
+    offsets = pa.array(np.arange(0, (len(fixed) + 1) * dim, dim, dtype=np.int32))
+    columns["embedding"] = pa.ListArray.from_arrays(offsets, fixed.flatten())
     return pa.table(columns, schema=target).replace_schema_metadata(file_metadata(collection, fingerprint))
