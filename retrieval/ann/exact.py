@@ -1,5 +1,5 @@
 """Exact search by blocks: a running top-k over candidates that arrive as ``(ids, vectors)`` blocks,
-the oracle every approximate index is measured against."""
+the oracle every approximate index is measured against, and recall against it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["SCORE_CELLS", "TopK", "exact_search"]
+__all__ = ["SCORE_CELLS", "TopK", "exact_search", "recall_at", "recall_within_ties"]
 
 SCORE_CELLS = 1 << 24  # query rows x block columns scored at a time (64 MB of float32)
 
@@ -45,3 +45,50 @@ def exact_search(
             rows = slice(start, start + step)
             top.add(ids, queries[rows] @ vectors.T, rows)  # (q, b) scores
     return top.ids, top.scores
+
+
+def recall_at(
+    found: np.ndarray,
+    truth: np.ndarray,
+    found_scores: np.ndarray | None = None,
+    truth_scores: np.ndarray | None = None,
+    tolerance: float = 1e-5,
+) -> float:
+    """Mean fraction of each row of ``truth`` (valid ids only) that ``found`` recovers.
+
+    With scores, a found item also counts when it ties the k-th exact score (within
+    ``tolerance``): among near-equal scores, which one ranks first is float rounding, not recall.
+    """
+    hits = total = 0
+    for row, (f, t) in enumerate(zip(found, truth, strict=True)):
+        valid = t >= 0
+        total += int(valid.sum())
+        if found_scores is not None and truth_scores is not None and valid.any():
+            kth = truth_scores[row][valid].min()
+            good = (f >= 0) & (found_scores[row] >= kth - tolerance)
+            hits += min(int(good.sum()), int(valid.sum()))
+        else:
+            hits += len(np.intersect1d(f, t[valid]))
+    return hits / total if total else 1.0
+
+
+def recall_within_ties(
+    found: np.ndarray, truth: np.ndarray, truth_scores: np.ndarray, tolerance: float = 1e-5
+) -> float:
+    """Recall@k of ``found`` (Q, k) ids against an exact list that runs past k (Q, k' >= k).
+
+    A found id counts when the exact list scores it within ``tolerance`` of its k-th score, so
+    that ties (duplicate vectors) count either way. Unlike ``recall_at``, the found scores are not
+    used: an index that re-ranks on quantized vectors returns approximate scores, and those must
+    not let a near miss pass for a hit.
+    """
+    k = found.shape[1]
+    hits = total = 0
+    for f, t, s in zip(found, truth, truth_scores, strict=True):
+        valid = t[:k] >= 0
+        wanted = int(valid.sum())
+        total += wanted
+        if wanted:
+            tied = t[(t >= 0) & (s >= s[:k][valid].min() - tolerance)]
+            hits += min(len(np.intersect1d(f[f >= 0], tied)), wanted)
+    return hits / total if total else 1.0

@@ -1,28 +1,41 @@
-"""FAISS indexes over a store's shards: exact, IVF, HNSW and IVF-PQ with an exact re-rank.
+"""FAISS indexes over a store's vectors: exact, IVF, HNSW and IVF-PQ with a re-rank.
 
-``build_collection_index`` streams the live vectors of one collection from its shards, trains on
-a bounded sample, adds in bounded batches with the shard ids (never row positions), then tunes the
-search parameter (``nprobe`` or ``efSearch``) upward until recall@10 against exact search reaches
-the target. The queries for that measurement come from the *other* collection when it exists
-(captions against the image index and the reverse), since that is how the index is used;
-otherwise from a sample of the collection itself. Exact search, streamed over the shards, is the
-oracle. Scores are inner products of unit vectors: cosine similarities.
+``build_collection_index`` does one collection's whole job in four steps:
+
+1. **plan** (``plan_index``, a pure function of the row count, the dimension and the memory budget):
+   the kind (``auto`` keeps exact search up to 50,000 vectors, then IVF-Flat while it fits the
+   budget, else IVF-PQ re-ranked on the most exact copy of the vectors that fits), IVF's list count
+   and training sample (100 vectors a list, never fewer than FAISS's 39: fewer lists when the budget
+   cannot hold that many), and the reason ``index info`` shows. The default budget is half the
+   memory available when the build starts (``resolve_budget``).
+2. **train** on a uniform sample drawn in one pass over the blocks (``sample_vectors``);
+3. **add** the live vectors block by block with their ids (never row positions); IVF-Flat first
+   assigns every vector to its list, so that each list is allocated once at its final size;
+4. **tune** the search parameter (``nprobe`` or ``efSearch``, and IVF-PQ's re-rank depth) upward
+   until recall@10 against exact search reaches the target. The queries come from the *other*
+   collection when it exists (captions against the image index and the reverse), since that is
+   how the index is used; otherwise from a sample of the collection itself.
+
+Memory is the index, the training sample and a block or two of vectors, never the collection.
+Exact search, streamed over the blocks, is the oracle. Scores are inner products of unit vectors:
+cosine similarities.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import faiss
 import numpy as np
 
-from retrieval.ann.exact import exact_search
+from retrieval.ann.exact import exact_search, recall_at, recall_within_ties
 from retrieval.durable import atomic_write
 from retrieval.errors import ConfigError, StoreError
 from retrieval.store.folder import Store
@@ -30,47 +43,252 @@ from retrieval.store.manifest import IndexRecord
 from retrieval.vectors import embedding_matrix
 
 __all__ = [
+    "Budget",
     "IndexConfig",
     "IndexKind",
+    "IndexPlan",
     "IndexRecord",
     "SearchIndex",
+    "available_memory",
     "build_collection_index",
     "index_ids",
     "live_vectors",
+    "plan_index",
+    "recall_at",
+    "resolve_budget",
     "sample_vectors",
 ]
 
 IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
-_TRAIN_PER_CENTROID = 39  # FAISS's minimum training points per centroid
+_KINDS = ("flat", "ivf", "hnsw", "ivfpq", "auto")
+_TRAIN_PER_CENTROID = 39  # FAISS's minimum training points per centroid (it warns below)
+_TRAIN_PER_LIST = 100  # IVF training points aimed for a list: k-means is stable from about there
 _MIN_PQ_BITS = 4  # below 16 centroids per sub-quantizer, product quantization is not worth it
 _AUTO_EXACT_MAX = 50_000  # below this, exact search is fast enough that approximation buys nothing
+_BUDGET_SHARE = 0.5  # the default budget: this share of the memory available when a build starts
+_LIST_GROWTH = 1.4  # lists grown block by block hold about 40% spare capacity (measured: 1.37)
+_HNSW_LINKS = 32
 _BLOCK = 65_536
 _IVF_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _HNSW_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
-# IVF-PQ re-ranks k * factor candidates exactly; the factor is tuned with nprobe.
+# IVF-PQ re-ranks k * factor candidates; the factor is tuned with nprobe.
 _REFINE_FACTORS = (4, 16, 64)
+# IVF-PQ's copy of the vectors for the re-rank, most exact first: bytes a dimension, and what it is.
+_RERANKS = {
+    "flat": (4, "exact float32 vectors"),
+    "fp16": (2, "float16 vectors"),
+    "sq8": (1, "8-bit scalar-quantized vectors"),
+}
+_TIE_DEPTH = 10  # exact neighbours kept past k, so that a found one tied with the k-th counts
+_MEMINFO = Path("/proc/meminfo")
 
 
 @dataclass(frozen=True)
 class IndexConfig:
+    """How ``build_collection_index`` builds and tunes an index.
+
+    ``memory_budget``: bytes the build may hold for the index, its training sample and its blocks
+    of vectors; None: half the memory available when the build starts. ``train_sample``: IVF
+    training vectors in place of 100 a list (still at most the collection and what the budget
+    holds; the list count shrinks so that each list keeps 39); None: sized from the list count.
+    """
+
     kind: IndexKind = "auto"
     target_recall: float = 0.95
-    memory_budget: int | None = None  # bytes the index may take; None: no limit
+    memory_budget: int | None = None
     tuning_queries: int = 1000
-    train_sample: int = 200_000
+    train_sample: int | None = None
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes a build may hold (None: no limit known), and where that figure came from."""
+
+    bytes: int | None
+    source: str
+
+    def fits(self, need: int) -> bool:
+        return self.bytes is None or need <= self.bytes
+
+    def __str__(self) -> str:
+        if self.bytes is None:
+            return f"no memory limit ({self.source})"
+        return f"the memory budget of {_size(self.bytes)} ({self.source})"
+
+
+def available_memory(meminfo: Path | None = None) -> tuple[int, str] | None:
+    """Bytes the machine can give a process without swapping, and where that was read; None when
+    neither the kernel's estimate (MemAvailable in ``meminfo``, /proc/meminfo by default) nor the
+    count of free pages can be read."""
+    meminfo = meminfo or _MEMINFO
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, f"MemAvailable in {meminfo}"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        # Free pages only (no MemAvailable: not Linux, or an old kernel): page cache not counted.
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free physical pages (sysconf)"
+    return None
+
+
+def resolve_budget(memory_budget: int | None) -> Budget:
+    """The budget a build works within: ``memory_budget`` bytes if given, else half the memory
+    available now (the other half for the process around it and for the page cache)."""
+    if memory_budget is not None:
+        return Budget(memory_budget, "given by --memory-budget")
+    available = available_memory()
+    if available is None:
+        return Budget(None, "the available memory could not be read")
+    amount, source = available
+    return Budget(int(amount * _BUDGET_SHARE), f"half of the {_size(amount)} {source}")
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build for one collection, what it will hold, and why."""
+
+    kind: str  # flat, ivf, hnsw or ivfpq
+    rows: int
+    dim: int
+    nlist: int = 0  # IVF lists
+    train: int = 0  # IVF training vectors
+    pq_bits: int = 0  # IVF-PQ: bits a sub-quantizer code
+    rerank: str | None = None  # IVF-PQ: the copy of the vectors re-ranked, a key of _RERANKS
+    peak_bytes: int = 0  # the build's peak: index or training sample, plus blocks being read
+    reason: str | None = None  # shown by `index info`
+
+
+def plan_index(kind: str, n: int, dim: int, budget: Budget, train_sample: int | None = None) -> IndexPlan:
+    """The index to build for ``n`` vectors of ``dim`` within ``budget``, sized and explained.
+
+    Raises ConfigError for an unknown kind, or when ``auto`` finds nothing that fits the budget.
+    """
+    if kind not in _KINDS:
+        raise ConfigError(f"unknown index type {kind!r}; use flat, ivf, hnsw, ivfpq or auto")
+    if kind == "auto" and n <= _AUTO_EXACT_MAX:
+        return _sized(IndexPlan("flat", n, dim, reason=f"auto: {n:,} vectors, exact search is fast enough"))
+    if kind in ("flat", "hnsw"):
+        plan = _sized(IndexPlan(kind, n, dim))
+        over = f"needs about {_size(plan.peak_bytes)}, over {budget}: built as asked"
+        return plan if budget.fits(plan.peak_bytes) else replace(plan, reason=over)
+    nlist, train = _lists(n, dim, budget, train_sample)
+    ivf = _sized(IndexPlan("ivf", n, dim, nlist, train))
+    lists = f"{nlist:,} lists trained on {train:,} vectors ({train // nlist} a list)"
+    head = (
+        f"{'auto: ' if kind == 'auto' else ''}{n:,} vectors x {dim} take {_size(4 * n * dim)} "
+        f"uncompressed; IVF-Flat needs about {_size(ivf.peak_bytes)}, "
+        f"{'within' if budget.fits(ivf.peak_bytes) else 'over'} {budget}"
+    )
+    if kind == "ivf" or (kind == "auto" and budget.fits(ivf.peak_bytes)):
+        asked = "" if budget.fits(ivf.peak_bytes) else " (built as asked)"
+        return replace(ivf, reason=f"{head}: IVF-Flat{asked}, {lists}")
+    if _pq_bits(n) < _MIN_PQ_BITS:
+        needed = _TRAIN_PER_CENTROID * 2**_MIN_PQ_BITS
+        why = f"ivfpq needs at least {needed:,} vectors to train its quantizers, {n:,} here"
+        return _sized(IndexPlan("flat", n, dim, reason=why))
+    bits = max(_pq_bits(train), _MIN_PQ_BITS)  # fewer bits than the collection allows: a tight budget
+    plans = [_sized(IndexPlan("ivfpq", n, dim, nlist, train, bits, rerank)) for rerank in _RERANKS]
+    fitting = [p for p in plans if budget.fits(p.peak_bytes)]
+    if not fitting and kind == "auto":
+        raise ConfigError(
+            f"{n:,} vectors x {dim} need about {_size(plans[-1].peak_bytes)} even as IVF-PQ "
+            f"re-ranked on 8-bit vectors, over {budget}; give a larger --memory-budget"
+        )
+    plan = (fitting or plans[-1:])[0]
+    asked = "" if fitting else " (over the budget: built as asked)"
+    what = (
+        f"IVF-PQ with {_code_bytes(dim, bits)}-byte codes re-ranked on {_RERANKS[plan.rerank or 'flat'][1]}"
+        f" (about {_size(plan.peak_bytes)}){asked}"
+    )
+    return replace(plan, reason=f"{head}: {what}, {lists}")
+
+
+def _list_count(n: int) -> int:
+    return int(max(1, 4 * np.sqrt(n)))  # about 4 sqrt(n) lists: a list scan costs about a probe's
+
+
+def _lists(n: int, dim: int, budget: Budget, train_sample: int | None) -> tuple[int, int]:
+    """IVF's list count and training sample size: 100 vectors a list (or ``train_sample``), at most
+    the collection and what the budget holds beside a block; fewer lists when that leaves any list
+    with fewer than 39."""
+    nlist = _list_count(n)
+    train = min(n, _TRAIN_PER_LIST * nlist if train_sample is None else train_sample)
+    if budget.bytes is not None:
+        train = min(train, max(0, budget.bytes - _blocks_bytes(n, dim)) // _train_bytes(1, dim))
+    train = max(train, min(n, _TRAIN_PER_CENTROID))  # k-means needs points; FAISS warns below 39
+    return max(1, min(nlist, train // _TRAIN_PER_CENTROID)), train
+
+
+def _pq_m(dim: int) -> int:
+    return next(m for m in (dim // 4, dim // 2, dim) if m and dim % m == 0)  # 4 dimensions a code
+
+
+def _pq_bits(train: int) -> int:
+    """Bits per product-quantizer code: 8 (256 centroids), fewer when the training sample cannot give
+    each centroid FAISS's minimum of training points (otherwise FAISS warns per quantizer)."""
+    return int(min(8, np.floor(np.log2(max(train // _TRAIN_PER_CENTROID, 1)))))
+
+
+def _code_bytes(dim: int, bits: int) -> int:
+    return (_pq_m(dim) * bits + 7) // 8
+
+
+def _blocks_bytes(n: int, dim: int) -> int:
+    """A block of vectors with its ids, and the data file's table it is read from."""
+    return 2 * min(n, _BLOCK) * (4 * dim + 8)
+
+
+def _train_bytes(train: int, dim: int) -> int:
+    return train * (4 * dim + 12)  # the sample, and k-means' assignment and distance for each point
+
+
+def _sized(plan: IndexPlan) -> IndexPlan:
+    """``plan`` with its peak: the larger of training and the built index, plus the blocks read.
+
+    Per vector: flat, its float32 copy and its id; HNSW, also its links (2 x 32 on the bottom level,
+    a few above); IVF-Flat, its list entry (lists allocated at their final size) and its list number
+    from the first pass; IVF-PQ, its code and id in a list grown block by block, an id in the outer
+    map and the re-rank copy. IVF also holds its centroids, IVF-PQ its sub-quantizers.
+    """
+    n, dim = plan.rows, plan.dim
+    if plan.kind == "flat":
+        per = 4 * dim + 8.0
+    elif plan.kind == "hnsw":
+        per = 4 * dim + 8 + 2 * _HNSW_LINKS * 4 * 1.2
+    elif plan.kind == "ivf":
+        per = 4 * dim + 8 + 4.0
+    else:
+        per = (
+            (_code_bytes(dim, plan.pq_bits) + 8) * _LIST_GROWTH + 8 + _RERANKS[plan.rerank or "flat"][0] * dim
+        )
+    fixed = plan.nlist * dim * 4 + (dim * 2**plan.pq_bits * 4 if plan.kind == "ivfpq" else 0)
+    peak = max(int(n * per) + fixed, _train_bytes(plan.train, dim)) + _blocks_bytes(n, dim)
+    return replace(plan, peak_bytes=peak)
+
+
+def _size(amount: float) -> str:
+    if amount >= 1e9:
+        return f"{amount / 1e9:.1f} GB"
+    return f"{amount / 1e6:.0f} MB" if amount >= 1e7 else f"{amount / 1e6:.1f} MB"
+
+
+def _dim(store: Store) -> int:
+    return int(store.manifest.model["fingerprint"]["dim"]) if store.manifest else 0
 
 
 def live_vectors(
     store: Store, collection: str, block: int = _BLOCK
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(ids (n,) int64, vectors (n, D) float32)`` blocks of the rows still in search."""
-    dim = int(store.manifest.model["fingerprint"]["dim"]) if store.manifest else 0
+    """``(ids (n,) int64, vectors (n, D) float32)`` blocks of the rows still in search, at most
+    ``block`` rows each: read-only views of one data file's Arrow buffers at a time."""
+    dim = _dim(store)
     for _, table in store.live_rows(collection, ["id", "embedding"]):
-        ids = table.column("id").to_numpy()
-        vectors = embedding_matrix(table.column("embedding"), dim)
-        for start in range(0, len(ids), block):
-            yield ids[start : start + block], vectors[start : start + block]
+        for batch in table.to_batches():  # columns aligned chunk by chunk, so nothing is combined
+            ids = batch.column("id").to_numpy()
+            vectors = embedding_matrix(batch.column("embedding"), dim)
+            for start in range(0, len(ids), block):
+                yield ids[start : start + block], vectors[start : start + block]
 
 
 def live_count(store: Store, collection: str) -> int:
@@ -78,61 +296,110 @@ def live_count(store: Store, collection: str) -> int:
     return sum(t.num_rows for _, t in store.live_rows(collection, ["id"]))
 
 
-def _choose(kind: IndexKind, n: int, dim: int, budget: int | None) -> tuple[str, str | None]:
-    """The index kind to build, and why when it is not simply the one asked for."""
-    if kind == "ivfpq" and _pq_bits(n) < _MIN_PQ_BITS:
-        needed = _TRAIN_PER_CENTROID * 2**_MIN_PQ_BITS
-        return "flat", f"ivfpq needs at least {needed:,} vectors to train its quantizers, {n:,} here"
-    if kind != "auto":
-        return kind, None
-    if n <= _AUTO_EXACT_MAX:
-        return "flat", f"auto: {n:,} vectors, exact search is fast enough"
-    if budget is None or n * dim * 4 * 1.1 <= budget:
-        return "ivf", f"auto: {n:,} vectors fit the memory budget uncompressed"
-    return "ivfpq", f"auto: {n:,} vectors exceed the memory budget uncompressed"
-
-
-def _pq_bits(n: int) -> int:
-    """Bits per product-quantizer code: 8 (256 centroids), fewer when there are not enough vectors
-    to give each centroid FAISS's minimum of training points (otherwise FAISS warns per quantizer)."""
-    return int(min(8, np.floor(np.log2(max(n // _TRAIN_PER_CENTROID, 1)))))
-
-
-def _nlist(n: int) -> int:
-    # About 4 sqrt(n) lists, and at least 39 training points per list (FAISS's own floor).
-    return int(max(1, min(4 * np.sqrt(n), n // 39)))
-
-
-def _make(kind: str, n: int, dim: int) -> faiss.Index:
-    ip = faiss.METRIC_INNER_PRODUCT
-    if kind == "flat":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(dim, 32, ip)
-        inner.hnsw.efConstruction = 80
-        return faiss.IndexIDMap2(inner)
-    nlist = _nlist(n)
-    if kind == "ivf":
-        return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, ip)
-    if kind == "ivfpq":
-        m = next(m for m in (dim // 4, dim // 2, dim) if m and dim % m == 0)  # 4 dims a code byte
-        pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, _pq_bits(n), ip)
-        return faiss.IndexIDMap2(faiss.IndexRefineFlat(pq))
-    raise ConfigError(f"unknown index type {kind!r}; use flat, ivf, hnsw, ivfpq or auto")
-
-
 def sample_vectors(store: Store, collection: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``size`` live vectors, chosen uniformly, read one block at a time."""
+    """``min(size, n)`` live vectors (m, D) float32: a uniform sample without replacement, in store
+    order. The rows are counted from the id column first; then one pass over the vectors keeps the
+    sample and one block, whatever the collection's size (``draw_sample``)."""
     total = live_count(store, collection)
-    if total == 0:
-        return np.empty((0, 0), dtype=np.float32)
-    chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
-    picked, offset = [], 0
-    for ids, vectors in live_vectors(store, collection):
-        local = chosen[(chosen >= offset) & (chosen < offset + len(ids))] - offset
-        picked.append(vectors[local])
-        offset += len(ids)
-    return np.ascontiguousarray(np.concatenate(picked))
+    return draw_sample(live_vectors(store, collection), total, size, _dim(store), rng)
+
+
+def draw_sample(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+    total: int,
+    size: int,
+    dim: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A uniform sample of ``size`` of the ``total`` rows that ``blocks`` yield, in one pass: each
+    block takes its share of the rows still wanted given the rows still to come (a hypergeometric
+    draw), then that many of its own rows, uniformly. (M, D) float32, M = min(size, total)."""
+    out = np.empty((min(size, total), dim), dtype=np.float32)
+    filled, left = 0, total
+    for _, vectors in blocks:
+        if filled == len(out):
+            break
+        left = max(left - len(vectors), 0)
+        take = _share(rng, len(vectors), left, len(out) - filled)
+        rows = np.sort(rng.choice(len(vectors), take, replace=False))
+        np.take(vectors, rows, axis=0, out=out[filled : filled + take])
+        filled += take
+    return out[:filled]
+
+
+def _share(rng: np.random.Generator, rows: int, rest: int, wanted: int) -> int:
+    """How many of ``wanted`` rows drawn without replacement from ``rows + rest`` fall in ``rows``."""
+    wanted = min(wanted, rows + rest)
+    if wanted == 0 or rest == 0:
+        return min(wanted, rows)
+    if rest < 10**9:  # numpy's bound for hypergeometric populations
+        return int(rng.hypergeometric(rows, rest, wanted))
+    # Beyond it, the binomial (drawing with replacement) is the same law to within rows / rest.
+    return int(np.clip(rng.binomial(wanted, rows / (rows + rest)), max(0, wanted - rest), min(rows, wanted)))
+
+
+def _make(plan: IndexPlan) -> faiss.Index:
+    dim, ip = plan.dim, faiss.METRIC_INNER_PRODUCT
+    # Outer id maps are IndexIDMap: IndexIDMap2's reverse map would cost ~50 bytes a vector.
+    if plan.kind == "flat":
+        return faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+    if plan.kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, _HNSW_LINKS, ip)
+        inner.hnsw.efConstruction = 80
+        return faiss.IndexIDMap(inner)
+    if plan.kind == "ivf":
+        return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, plan.nlist, ip)
+    pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, plan.nlist, _pq_m(dim), plan.pq_bits, ip)
+    if plan.rerank == "flat":
+        return faiss.IndexIDMap(faiss.IndexRefineFlat(pq))
+    quantized = faiss.ScalarQuantizer.QT_fp16 if plan.rerank == "fp16" else faiss.ScalarQuantizer.QT_8bit
+    return faiss.IndexIDMap(faiss.IndexRefine(pq, faiss.IndexScalarQuantizer(dim, quantized, ip)))
+
+
+Blocks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
+def _add(index: faiss.Index, kind: str, blocks: Blocks, n: int) -> None:
+    """Add every vector that ``blocks()`` yields, with its id, one block at a time."""
+    if kind == "ivf":
+        _add_ivf(index, blocks, n)
+        return
+    for ids, vectors in blocks():
+        index.add_with_ids(vectors, ids)
+
+
+def _add_ivf(index: faiss.Index, blocks: Blocks, n: int) -> None:
+    """Add to an IVF-Flat in two passes over the blocks. The first assigns each vector to its list
+    (4 bytes a vector kept); every list is then allocated once at its final size, sparing the ~40%
+    that lists grown block by block hold in spare capacity. The second adds each block to the lists
+    already assigned, without assigning it again."""
+    ivf = faiss.extract_index_ivf(index)
+    invlists = ivf.invlists
+    assert invlists is not None  # a new IVF index owns its (empty) lists
+    lists = np.empty(n, dtype=np.int32)
+    start = 0
+    for _, vectors in blocks():
+        if start + len(vectors) > n:
+            raise StoreError(f"more than the {n:,} rows counted were read: the rows changed during the build")
+        lists[start : start + len(vectors)] = ivf.quantizer.assign(vectors, 1).ravel()
+        start += len(vectors)
+    sizes = np.bincount(lists[:start], minlength=ivf.nlist)
+    for number in np.flatnonzero(sizes):
+        # Grown to its final size and emptied again, a list keeps that capacity (std::vector).
+        invlists.resize(int(number), int(sizes[number]))
+        invlists.resize(int(number), 0)
+    start = 0
+    for ids, vectors in blocks():
+        assigned = lists[start : start + len(ids)].astype(np.int64)
+        if len(assigned) != len(ids):
+            raise StoreError(f"more than the {n:,} rows counted were read: the rows changed during the build")
+        ivf.add_core(
+            len(ids),
+            faiss.swig_ptr(np.ascontiguousarray(vectors, dtype=np.float32)),
+            faiss.swig_ptr(np.ascontiguousarray(ids, dtype=np.int64)),
+            faiss.swig_ptr(assigned),
+        )
+        start += len(ids)
 
 
 class _BatchedBlas:
@@ -212,41 +479,20 @@ def _exact(store: Store, collection: str, queries: np.ndarray, k: int) -> tuple[
     return exact_search(queries, live_vectors(store, collection, block=8192), k)
 
 
-def recall_at(
-    found: np.ndarray,
-    truth: np.ndarray,
-    found_scores: np.ndarray | None = None,
-    truth_scores: np.ndarray | None = None,
-    tolerance: float = 1e-5,
-) -> float:
-    """Mean fraction of each row of ``truth`` (valid ids only) that ``found`` recovers.
-
-    With scores, a found item also counts when it ties the k-th exact score (within
-    ``tolerance``): among near-equal scores, which one ranks first is float rounding, not recall.
-    """
-    hits = total = 0
-    for row, (f, t) in enumerate(zip(found, truth, strict=True)):
-        valid = t >= 0
-        total += int(valid.sum())
-        if found_scores is not None and truth_scores is not None and valid.any():
-            kth = truth_scores[row][valid].min()
-            good = (f >= 0) & (found_scores[row] >= kth - tolerance)
-            hits += min(int(good.sum()), int(valid.sum()))
-        else:
-            hits += len(np.intersect1d(f, t[valid]))
-    return hits / total if total else 1.0
-
-
 def _tune(
-    index: SearchIndex, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], target: float, limit: int
+    index: SearchIndex,
+    queries: np.ndarray,
+    truth: tuple[np.ndarray, np.ndarray],
+    k: int,
+    target: float,
+    limit: int,
 ) -> tuple[int | None, int | None, float]:
     """The cheapest (value, refine) whose recall@k reaches ``target`` (else the most thorough).
 
     The measured recall must clear the target by two standard errors of its own estimate, so that
     the choice holds on queries other than the ones it was tuned with.
     """
-    hits = truth[0].size
-    margin = 2 * np.sqrt(target * (1 - target) / max(hits, 1))
+    margin = 2 * np.sqrt(target * (1 - target) / max(len(queries) * k, 1))
     steps = [s for s in (_HNSW_STEPS if index.kind == "hnsw" else _IVF_STEPS) if s <= limit] or [limit]
     factors: tuple[int | None, ...] = _REFINE_FACTORS if index.kind == "ivfpq" else (None,)
     # Cost grows with both: the lists scanned, and the candidates re-ranked.
@@ -254,8 +500,8 @@ def _tune(
     best = (trials[-1][0], trials[-1][1], -1.0)
     for value, factor in trials:
         index.refine = factor
-        ids, scores = index.search(queries, truth[0].shape[1], value=value)
-        recall = recall_at(ids, truth[0], scores, truth[1])
+        ids, _ = index.search(queries, k, value=value)
+        recall = recall_within_ties(ids, *truth)
         if recall >= min(target + margin, 1.0):
             return value, factor, recall
         if recall > best[2]:
@@ -287,13 +533,14 @@ def build_collection_index(
     n = live_count(store, collection)
     if n == 0:
         return None
-    dim = int(store.manifest.model["fingerprint"]["dim"]) if store.manifest else 0
-    kind, reason = _choose(config.kind, n, dim, config.memory_budget)
-    index = _make(kind, n, dim)
+    plan = plan_index(config.kind, n, _dim(store), resolve_budget(config.memory_budget), config.train_sample)
+    kind, reason = plan.kind, plan.reason
+    index = _make(plan)
     if not index.is_trained:
-        index.train(sample_vectors(store, collection, min(config.train_sample, n), rng))
-    for ids, vectors in live_vectors(store, collection):
-        index.add_with_ids(np.ascontiguousarray(vectors), ids)
+        index.train(sample_vectors(store, collection, plan.train, rng))
+    _add(index, kind, lambda: live_vectors(store, collection), n)
+    if index.ntotal != n:
+        raise StoreError(f"{collection}: {index.ntotal:,} vectors read, {n:,} counted: the rows changed")
 
     param = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(kind)
     search_index = SearchIndex(index, kind, param, None)
@@ -302,15 +549,15 @@ def build_collection_index(
     else:
         queries = queries[rng.permutation(len(queries))[: config.tuning_queries]]
     k = min(10, n)
-    truth = _exact(store, collection, queries, k)
+    truth = _exact(store, collection, queries, min(k + _TIE_DEPTH, n))
     value: int | None = None
     refine: int | None = None
     if param is None:
-        found, found_scores = search_index.search(queries, k)
-        recall = recall_at(found, truth[0], found_scores, truth[1])
+        found, _ = search_index.search(queries, k)
+        recall = recall_within_ties(found, *truth)
     else:
-        limit = _nlist(n) if kind in ("ivf", "ivfpq") else max(_HNSW_STEPS)
-        value, refine, recall = _tune(search_index, queries, truth, config.target_recall, limit)
+        limit = plan.nlist if kind in ("ivf", "ivfpq") else max(_HNSW_STEPS)
+        value, refine, recall = _tune(search_index, queries, truth, k, config.target_recall, limit)
         search_index.value, search_index.refine = value, refine
     latency = _latency_ms(search_index, queries, k)
 
