@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from retrieval.ann import faiss_index
+from retrieval.ann import faiss_index, sizing
 from retrieval.ann.faiss_index import (
     Budget,
     IndexConfig,
@@ -107,7 +107,7 @@ def test_a_tight_budget_takes_fewer_training_vectors_and_then_fewer_lists() -> N
 def test_build_keeps_39_a_list_when_the_list_count_asks_for_more(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(faiss_index, "_list_count", lambda n: n // 10)  # 10 training vectors a list
+    monkeypatch.setattr(sizing, "_list_count", lambda n: n // 10)  # 10 training vectors a list
     sizes: list[int] = []
     sample = faiss_index.sample_vectors
 
@@ -134,9 +134,7 @@ def test_a_small_budget_makes_auto_choose_ivfpq_and_say_why(tmp_path: Path) -> N
     config = IndexConfig(memory_budget=budget)
     record = build_collection_index(store, "images", config, queries, "captions")
     assert record is not None and record.kind == "ivfpq"
-    assert (
-        f"over the memory budget of {faiss_index._size(budget)} (given by --memory-budget)" in record.reason
-    )
+    assert f"over the memory budget of {sizing.size_text(budget)} (given by --memory-budget)" in record.reason
     assert "60,000 vectors x 32 take 7.7 MB uncompressed" in record.reason
     assert "re-ranked on float16 vectors" in record.reason  # exact float32 ones would not fit
     assert record.recall_at_10 is not None and record.recall_at_10 >= 0.95
@@ -152,7 +150,7 @@ def test_auto_refuses_a_budget_nothing_fits() -> None:
 def test_default_budget_is_half_the_available_memory_and_the_recall_target_is_met(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(faiss_index, "available_memory", lambda: (8 * GB, "MemAvailable in /proc/meminfo"))
+    monkeypatch.setattr(sizing, "available_memory", lambda: (8 * GB, "MemAvailable in /proc/meminfo"))
     assert resolve_budget(None) == Budget(4 * GB, "half of the 8.0 GB MemAvailable in /proc/meminfo")
     assert resolve_budget(GB).bytes == GB
     vectors = clustered(60_000, 32, seed=3)
@@ -176,14 +174,14 @@ def test_available_memory_reads_meminfo_then_sysconf(tmp_path: Path, monkeypatch
     meminfo.write_text("MemTotal:       16384 kB\nMemFree:         1024 kB\nMemAvailable:    8192 kB\n")
     assert available_memory(meminfo) == (8192 * 1024, f"MemAvailable in {meminfo}")
     pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
-    monkeypatch.setattr(faiss_index.os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(sizing.os, "sysconf", lambda name: pages[name])
     assert available_memory(tmp_path / "missing") == (4_096_000, "free physical pages (sysconf)")
 
     def unknown(name: str) -> int:
         raise ValueError(f"unrecognized configuration name {name}")  # as os.sysconf says off Linux
 
-    monkeypatch.setattr(faiss_index.os, "sysconf", unknown)
-    monkeypatch.setattr(faiss_index, "_MEMINFO", tmp_path / "missing")
+    monkeypatch.setattr(sizing.os, "sysconf", unknown)
+    monkeypatch.setattr(sizing, "_MEMINFO", tmp_path / "missing")
     assert available_memory(tmp_path / "missing") is None
     assert resolve_budget(None).bytes is None  # nothing readable: no limit, and the reason says so
 

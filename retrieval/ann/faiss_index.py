@@ -24,11 +24,10 @@ cosine similarities.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -36,11 +35,20 @@ import faiss
 import numpy as np
 
 from retrieval.ann.exact import exact_search, recall_at, recall_within_ties
+from retrieval.ann.sampling import live_count, live_vectors, sample_vectors, store_dim
+from retrieval.ann.sizing import (
+    HNSW_LINKS,
+    Budget,
+    IndexPlan,
+    available_memory,
+    plan_index,
+    pq_m,
+    resolve_budget,
+)
 from retrieval.durable import atomic_write
 from retrieval.errors import ConfigError, StoreError
 from retrieval.store.folder import Store
 from retrieval.store.manifest import IndexRecord
-from retrieval.vectors import embedding_matrix
 
 __all__ = [
     "Budget",
@@ -60,27 +68,11 @@ __all__ = [
 ]
 
 IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
-_KINDS = ("flat", "ivf", "hnsw", "ivfpq", "auto")
-_TRAIN_PER_CENTROID = 39  # FAISS's minimum training points per centroid (it warns below)
-_TRAIN_PER_LIST = 100  # IVF training points aimed for a list: k-means is stable from about there
-_MIN_PQ_BITS = 4  # below 16 centroids per sub-quantizer, product quantization is not worth it
-_AUTO_EXACT_MAX = 50_000  # below this, exact search is fast enough that approximation buys nothing
-_BUDGET_SHARE = 0.5  # the default budget: this share of the memory available when a build starts
-_LIST_GROWTH = 1.4  # lists grown block by block hold about 40% spare capacity (measured: 1.37)
-_HNSW_LINKS = 32
-_BLOCK = 65_536
 _IVF_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _HNSW_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 # IVF-PQ re-ranks k * factor candidates; the factor is tuned with nprobe.
 _REFINE_FACTORS = (4, 16, 64)
-# IVF-PQ's copy of the vectors for the re-rank, most exact first: bytes a dimension, and what it is.
-_RERANKS = {
-    "flat": (4, "exact float32 vectors"),
-    "fp16": (2, "float16 vectors"),
-    "sq8": (1, "8-bit scalar-quantized vectors"),
-}
 _TIE_DEPTH = 10  # exact neighbours kept past k, so that a found one tied with the k-th counts
-_MEMINFO = Path("/proc/meminfo")
 
 
 @dataclass(frozen=True)
@@ -101,255 +93,18 @@ class IndexConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class Budget:
-    """Bytes a build may hold (None: no limit known), and where that figure came from."""
-
-    bytes: int | None
-    source: str
-
-    def fits(self, need: int) -> bool:
-        return self.bytes is None or need <= self.bytes
-
-    def __str__(self) -> str:
-        if self.bytes is None:
-            return f"no memory limit ({self.source})"
-        return f"the memory budget of {_size(self.bytes)} ({self.source})"
-
-
-def available_memory(meminfo: Path | None = None) -> tuple[int, str] | None:
-    """Bytes the machine can give a process without swapping, and where that was read; None when
-    neither the kernel's estimate (MemAvailable in ``meminfo``, /proc/meminfo by default) nor the
-    count of free pages can be read."""
-    meminfo = meminfo or _MEMINFO
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, f"MemAvailable in {meminfo}"
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        # Free pages only (no MemAvailable: not Linux, or an old kernel): page cache not counted.
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free physical pages (sysconf)"
-    return None
-
-
-def resolve_budget(memory_budget: int | None) -> Budget:
-    """The budget a build works within: ``memory_budget`` bytes if given, else half the memory
-    available now (the other half for the process around it and for the page cache)."""
-    if memory_budget is not None:
-        return Budget(memory_budget, "given by --memory-budget")
-    available = available_memory()
-    if available is None:
-        return Budget(None, "the available memory could not be read")
-    amount, source = available
-    return Budget(int(amount * _BUDGET_SHARE), f"half of the {_size(amount)} {source}")
-
-
-@dataclass(frozen=True)
-class IndexPlan:
-    """What to build for one collection, what it will hold, and why."""
-
-    kind: str  # flat, ivf, hnsw or ivfpq
-    rows: int
-    dim: int
-    nlist: int = 0  # IVF lists
-    train: int = 0  # IVF training vectors
-    pq_bits: int = 0  # IVF-PQ: bits a sub-quantizer code
-    rerank: str | None = None  # IVF-PQ: the copy of the vectors re-ranked, a key of _RERANKS
-    peak_bytes: int = 0  # the build's peak: index or training sample, plus blocks being read
-    reason: str | None = None  # shown by `index info`
-
-
-def plan_index(kind: str, n: int, dim: int, budget: Budget, train_sample: int | None = None) -> IndexPlan:
-    """The index to build for ``n`` vectors of ``dim`` within ``budget``, sized and explained.
-
-    Raises ConfigError for an unknown kind, or when ``auto`` finds nothing that fits the budget.
-    """
-    if kind not in _KINDS:
-        raise ConfigError(f"unknown index type {kind!r}; use flat, ivf, hnsw, ivfpq or auto")
-    if kind == "auto" and n <= _AUTO_EXACT_MAX:
-        return _sized(IndexPlan("flat", n, dim, reason=f"auto: {n:,} vectors, exact search is fast enough"))
-    if kind in ("flat", "hnsw"):
-        plan = _sized(IndexPlan(kind, n, dim))
-        over = f"needs about {_size(plan.peak_bytes)}, over {budget}: built as asked"
-        return plan if budget.fits(plan.peak_bytes) else replace(plan, reason=over)
-    nlist, train = _lists(n, dim, budget, train_sample)
-    ivf = _sized(IndexPlan("ivf", n, dim, nlist, train))
-    lists = f"{nlist:,} lists trained on {train:,} vectors ({train // nlist} a list)"
-    head = (
-        f"{'auto: ' if kind == 'auto' else ''}{n:,} vectors x {dim} take {_size(4 * n * dim)} "
-        f"uncompressed; IVF-Flat needs about {_size(ivf.peak_bytes)}, "
-        f"{'within' if budget.fits(ivf.peak_bytes) else 'over'} {budget}"
-    )
-    if kind == "ivf" or (kind == "auto" and budget.fits(ivf.peak_bytes)):
-        asked = "" if budget.fits(ivf.peak_bytes) else " (built as asked)"
-        return replace(ivf, reason=f"{head}: IVF-Flat{asked}, {lists}")
-    if _pq_bits(n) < _MIN_PQ_BITS:
-        needed = _TRAIN_PER_CENTROID * 2**_MIN_PQ_BITS
-        why = f"ivfpq needs at least {needed:,} vectors to train its quantizers, {n:,} here"
-        return _sized(IndexPlan("flat", n, dim, reason=why))
-    bits = max(_pq_bits(train), _MIN_PQ_BITS)  # fewer bits than the collection allows: a tight budget
-    plans = [_sized(IndexPlan("ivfpq", n, dim, nlist, train, bits, rerank)) for rerank in _RERANKS]
-    fitting = [p for p in plans if budget.fits(p.peak_bytes)]
-    if not fitting and kind == "auto":
-        raise ConfigError(
-            f"{n:,} vectors x {dim} need about {_size(plans[-1].peak_bytes)} even as IVF-PQ "
-            f"re-ranked on 8-bit vectors, over {budget}; give a larger --memory-budget"
-        )
-    plan = (fitting or plans[-1:])[0]
-    asked = "" if fitting else " (over the budget: built as asked)"
-    what = (
-        f"IVF-PQ with {_code_bytes(dim, bits)}-byte codes re-ranked on {_RERANKS[plan.rerank or 'flat'][1]}"
-        f" (about {_size(plan.peak_bytes)}){asked}"
-    )
-    return replace(plan, reason=f"{head}: {what}, {lists}")
-
-
-def _list_count(n: int) -> int:
-    return int(max(1, 4 * np.sqrt(n)))  # about 4 sqrt(n) lists: a list scan costs about a probe's
-
-
-def _lists(n: int, dim: int, budget: Budget, train_sample: int | None) -> tuple[int, int]:
-    """IVF's list count and training sample size: 100 vectors a list (or ``train_sample``), at most
-    the collection and what the budget holds beside a block; fewer lists when that leaves any list
-    with fewer than 39."""
-    nlist = _list_count(n)
-    train = min(n, _TRAIN_PER_LIST * nlist if train_sample is None else train_sample)
-    if budget.bytes is not None:
-        train = min(train, max(0, budget.bytes - _blocks_bytes(n, dim)) // _train_bytes(1, dim))
-    train = max(train, min(n, _TRAIN_PER_CENTROID))  # k-means needs points; FAISS warns below 39
-    return max(1, min(nlist, train // _TRAIN_PER_CENTROID)), train
-
-
-def _pq_m(dim: int) -> int:
-    return next(m for m in (dim // 4, dim // 2, dim) if m and dim % m == 0)  # 4 dimensions a code
-
-
-def _pq_bits(train: int) -> int:
-    """Bits per product-quantizer code: 8 (256 centroids), fewer when the training sample cannot give
-    each centroid FAISS's minimum of training points (otherwise FAISS warns per quantizer)."""
-    return int(min(8, np.floor(np.log2(max(train // _TRAIN_PER_CENTROID, 1)))))
-
-
-def _code_bytes(dim: int, bits: int) -> int:
-    return (_pq_m(dim) * bits + 7) // 8
-
-
-def _blocks_bytes(n: int, dim: int) -> int:
-    """A block of vectors with its ids, and the data file's table it is read from."""
-    return 2 * min(n, _BLOCK) * (4 * dim + 8)
-
-
-def _train_bytes(train: int, dim: int) -> int:
-    return train * (4 * dim + 12)  # the sample, and k-means' assignment and distance for each point
-
-
-def _sized(plan: IndexPlan) -> IndexPlan:
-    """``plan`` with its peak: the larger of training and the built index, plus the blocks read.
-
-    Per vector: flat, its float32 copy and its id; HNSW, also its links (2 x 32 on the bottom level,
-    a few above); IVF-Flat, its list entry (lists allocated at their final size) and its list number
-    from the first pass; IVF-PQ, its code and id in a list grown block by block, an id in the outer
-    map and the re-rank copy. IVF also holds its centroids, IVF-PQ its sub-quantizers.
-    """
-    n, dim = plan.rows, plan.dim
-    if plan.kind == "flat":
-        per = 4 * dim + 8.0
-    elif plan.kind == "hnsw":
-        per = 4 * dim + 8 + 2 * _HNSW_LINKS * 4 * 1.2
-    elif plan.kind == "ivf":
-        per = 4 * dim + 8 + 4.0
-    else:
-        per = (
-            (_code_bytes(dim, plan.pq_bits) + 8) * _LIST_GROWTH + 8 + _RERANKS[plan.rerank or "flat"][0] * dim
-        )
-    fixed = plan.nlist * dim * 4 + (dim * 2**plan.pq_bits * 4 if plan.kind == "ivfpq" else 0)
-    peak = max(int(n * per) + fixed, _train_bytes(plan.train, dim)) + _blocks_bytes(n, dim)
-    return replace(plan, peak_bytes=peak)
-
-
-def _size(amount: float) -> str:
-    if amount >= 1e9:
-        return f"{amount / 1e9:.1f} GB"
-    return f"{amount / 1e6:.0f} MB" if amount >= 1e7 else f"{amount / 1e6:.1f} MB"
-
-
-def _dim(store: Store) -> int:
-    return int(store.manifest.model["fingerprint"]["dim"]) if store.manifest else 0
-
-
-def live_vectors(
-    store: Store, collection: str, block: int = _BLOCK
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(ids (n,) int64, vectors (n, D) float32)`` blocks of the rows still in search, at most
-    ``block`` rows each: read-only views of one data file's Arrow buffers at a time."""
-    dim = _dim(store)
-    for _, table in store.live_rows(collection, ["id", "embedding"]):
-        for batch in table.to_batches():  # columns aligned chunk by chunk, so nothing is combined
-            ids = batch.column("id").to_numpy()
-            vectors = embedding_matrix(batch.column("embedding"), dim)
-            for start in range(0, len(ids), block):
-                yield ids[start : start + block], vectors[start : start + block]
-
-
-def live_count(store: Store, collection: str) -> int:
-    """How many rows of ``collection`` are in search, from the id column alone."""
-    return sum(t.num_rows for _, t in store.live_rows(collection, ["id"]))
-
-
-def sample_vectors(store: Store, collection: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``min(size, n)`` live vectors (m, D) float32: a uniform sample without replacement, in store
-    order. The rows are counted from the id column first; then one pass over the vectors keeps the
-    sample and one block, whatever the collection's size (``draw_sample``)."""
-    total = live_count(store, collection)
-    return draw_sample(live_vectors(store, collection), total, size, _dim(store), rng)
-
-
-def draw_sample(
-    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
-    total: int,
-    size: int,
-    dim: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """A uniform sample of ``size`` of the ``total`` rows that ``blocks`` yield, in one pass: each
-    block takes its share of the rows still wanted given the rows still to come (a hypergeometric
-    draw), then that many of its own rows, uniformly. (M, D) float32, M = min(size, total)."""
-    out = np.empty((min(size, total), dim), dtype=np.float32)
-    filled, left = 0, total
-    for _, vectors in blocks:
-        if filled == len(out):
-            break
-        left = max(left - len(vectors), 0)
-        take = _share(rng, len(vectors), left, len(out) - filled)
-        rows = np.sort(rng.choice(len(vectors), take, replace=False))
-        np.take(vectors, rows, axis=0, out=out[filled : filled + take])
-        filled += take
-    return out[:filled]
-
-
-def _share(rng: np.random.Generator, rows: int, rest: int, wanted: int) -> int:
-    """How many of ``wanted`` rows drawn without replacement from ``rows + rest`` fall in ``rows``."""
-    wanted = min(wanted, rows + rest)
-    if wanted == 0 or rest == 0:
-        return min(wanted, rows)
-    if rest < 10**9:  # numpy's bound for hypergeometric populations
-        return int(rng.hypergeometric(rows, rest, wanted))
-    # Beyond it, the binomial (drawing with replacement) is the same law to within rows / rest.
-    return int(np.clip(rng.binomial(wanted, rows / (rows + rest)), max(0, wanted - rest), min(rows, wanted)))
-
-
 def _make(plan: IndexPlan) -> faiss.Index:
     dim, ip = plan.dim, faiss.METRIC_INNER_PRODUCT
     # Outer id maps are IndexIDMap: IndexIDMap2's reverse map would cost ~50 bytes a vector.
     if plan.kind == "flat":
         return faiss.IndexIDMap(faiss.IndexFlatIP(dim))
     if plan.kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(dim, _HNSW_LINKS, ip)
+        inner = faiss.IndexHNSWFlat(dim, HNSW_LINKS, ip)
         inner.hnsw.efConstruction = 80
         return faiss.IndexIDMap(inner)
     if plan.kind == "ivf":
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, plan.nlist, ip)
-    pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, plan.nlist, _pq_m(dim), plan.pq_bits, ip)
+    pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, plan.nlist, pq_m(dim), plan.pq_bits, ip)
     if plan.rerank == "flat":
         return faiss.IndexIDMap(faiss.IndexRefineFlat(pq))
     quantized = faiss.ScalarQuantizer.QT_fp16 if plan.rerank == "fp16" else faiss.ScalarQuantizer.QT_8bit
@@ -533,7 +288,9 @@ def build_collection_index(
     n = live_count(store, collection)
     if n == 0:
         return None
-    plan = plan_index(config.kind, n, _dim(store), resolve_budget(config.memory_budget), config.train_sample)
+    plan = plan_index(
+        config.kind, n, store_dim(store), resolve_budget(config.memory_budget), config.train_sample
+    )
     kind, reason = plan.kind, plan.reason
     index = _make(plan)
     if not index.is_trained:
@@ -591,9 +348,9 @@ def index_ids(index: faiss.Index) -> np.ndarray | None:
     if ivf is None or lists is None:
         return None
     parts = [
-        faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+        faiss.rev_swig_ptr(lists.get_ids(i), lists.listsize_text(i)).copy()
         for i in range(ivf.nlist)
-        if lists.list_size(i)
+        if lists.listsize_text(i)
     ]
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
 

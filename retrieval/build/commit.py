@@ -67,6 +67,8 @@ class Target:
                 )
             self.manifest = committed
             self.rebuilding = False
+            for name in committed.collections:  # a promotion stopped before it described its tables
+                store.table(name).describe_as(table_description(name, self.fingerprint))
 
     @property
     def collections(self) -> dict[str, CollectionState]:

@@ -53,7 +53,10 @@ def index_build(
     ] = 0.95,
     memory_budget: Annotated[
         float | None,
-        typer.Option("--memory-budget", help="GB the index may take (auto picks IVF-PQ above it)."),
+        typer.Option(
+            "--memory-budget",
+            help="GB the index may take (default: half the available memory); auto picks IVF-PQ above it.",
+        ),
     ] = None,
     shard_rows: Annotated[
         int, typer.Option("--shard-rows", help="Images per shard (captions: 4x); a crash redoes one shard.")

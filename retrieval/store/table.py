@@ -12,6 +12,7 @@ Delta reader sees only live rows. Files are removed from disk only by ``vacuum``
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -194,7 +195,7 @@ class DeltaCollection:
         needs, and files no commit names (left by a crash) once older than that."""
         table = self._open()
         removed = table.vacuum(
-            retention_hours=int(retain_hours),
+            retention_hours=math.ceil(retain_hours),  # delta-rs counts whole hours: never fewer
             dry_run=False,
             enforce_retention_duration=False,
             full=True,

@@ -1,0 +1,220 @@
+"""How big an index will be, and what fits: ``plan_index``, a pure function of the row count, the
+dimension and the memory budget, picks the kind (``auto`` keeps exact search up to 50,000 vectors,
+then IVF-Flat while it fits the budget, else IVF-PQ re-ranked on the most exact copy of the vectors
+that fits), IVF's list count and training sample (100 vectors a list, never fewer than FAISS's 39:
+fewer lists when the budget cannot hold that many), and the reason ``index info`` shows. The
+default budget is half the memory available when the build starts (``resolve_budget``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import ConfigError
+
+__all__ = [
+    "BLOCK",
+    "KINDS",
+    "RERANKS",
+    "Budget",
+    "IndexPlan",
+    "available_memory",
+    "plan_index",
+    "pq_m",
+    "resolve_budget",
+    "size_text",
+]
+
+KINDS = ("flat", "ivf", "hnsw", "ivfpq", "auto")
+_TRAIN_PER_CENTROID = 39  # FAISS's minimum training points per centroid (it warns below)
+_TRAIN_PER_LIST = 100  # IVF training points aimed for a list: k-means is stable from about there
+_MIN_PQ_BITS = 4  # below 16 centroids per sub-quantizer, product quantization is not worth it
+_AUTO_EXACT_MAX = 50_000  # below this, exact search is fast enough that approximation buys nothing
+_BUDGET_SHARE = 0.5  # the default budget: this share of the memory available when a build starts
+_LIST_GROWTH = 1.4  # lists grown block by block hold about 40% spare capacity (measured: 1.37)
+HNSW_LINKS = 32
+BLOCK = 65_536  # vectors read, added or searched at a time
+# IVF-PQ's copy of the vectors for the re-rank, most exact first: bytes a dimension, and what it is.
+RERANKS = {
+    "flat": (4, "exact float32 vectors"),
+    "fp16": (2, "float16 vectors"),
+    "sq8": (1, "8-bit scalar-quantized vectors"),
+}
+_MEMINFO = Path("/proc/meminfo")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes a build may hold (None: no limit known), and where that figure came from."""
+
+    bytes: int | None
+    source: str
+
+    def fits(self, need: int) -> bool:
+        return self.bytes is None or need <= self.bytes
+
+    def __str__(self) -> str:
+        if self.bytes is None:
+            return f"no memory limit ({self.source})"
+        return f"the memory budget of {size_text(self.bytes)} ({self.source})"
+
+
+def available_memory(meminfo: Path | None = None) -> tuple[int, str] | None:
+    """Bytes the machine can give a process without swapping, and where that was read; None when
+    neither the kernel's estimate (MemAvailable in ``meminfo``, /proc/meminfo by default) nor the
+    count of free pages can be read."""
+    meminfo = meminfo or _MEMINFO
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, f"MemAvailable in {meminfo}"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        # Free pages only (no MemAvailable: not Linux, or an old kernel): page cache not counted.
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free physical pages (sysconf)"
+    return None
+
+
+def resolve_budget(memory_budget: int | None) -> Budget:
+    """The budget a build works within: ``memory_budget`` bytes if given, else half the memory
+    available now (the other half for the process around it and for the page cache)."""
+    if memory_budget is not None:
+        return Budget(memory_budget, "given by --memory-budget")
+    available = available_memory()
+    if available is None:
+        return Budget(None, "the available memory could not be read")
+    amount, source = available
+    return Budget(int(amount * _BUDGET_SHARE), f"half of the {size_text(amount)} {source}")
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build for one collection, what it will hold, and why."""
+
+    kind: str  # flat, ivf, hnsw or ivfpq
+    rows: int
+    dim: int
+    nlist: int = 0  # IVF lists
+    train: int = 0  # IVF training vectors
+    pq_bits: int = 0  # IVF-PQ: bits a sub-quantizer code
+    rerank: str | None = None  # IVF-PQ: the copy of the vectors re-ranked, a key of RERANKS
+    peak_bytes: int = 0  # the build's peak: index or training sample, plus blocks being read
+    reason: str | None = None  # shown by `index info`
+
+
+def plan_index(kind: str, n: int, dim: int, budget: Budget, train_sample: int | None = None) -> IndexPlan:
+    """The index to build for ``n`` vectors of ``dim`` within ``budget``, sized and explained.
+
+    Raises ConfigError for an unknown kind, or when ``auto`` finds nothing that fits the budget.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown index type {kind!r}; use flat, ivf, hnsw, ivfpq or auto")
+    if kind == "auto" and n <= _AUTO_EXACT_MAX:
+        return _sized(IndexPlan("flat", n, dim, reason=f"auto: {n:,} vectors, exact search is fast enough"))
+    if kind in ("flat", "hnsw"):
+        plan = _sized(IndexPlan(kind, n, dim))
+        over = f"needs about {size_text(plan.peak_bytes)}, over {budget}: built as asked"
+        return plan if budget.fits(plan.peak_bytes) else replace(plan, reason=over)
+    nlist, train = _lists(n, dim, budget, train_sample)
+    ivf = _sized(IndexPlan("ivf", n, dim, nlist, train))
+    lists = f"{nlist:,} lists trained on {train:,} vectors ({train // nlist} a list)"
+    head = (
+        f"{'auto: ' if kind == 'auto' else ''}{n:,} vectors x {dim} take {size_text(4 * n * dim)} "
+        f"uncompressed; IVF-Flat needs about {size_text(ivf.peak_bytes)}, "
+        f"{'within' if budget.fits(ivf.peak_bytes) else 'over'} {budget}"
+    )
+    if kind == "ivf" or (kind == "auto" and budget.fits(ivf.peak_bytes)):
+        asked = "" if budget.fits(ivf.peak_bytes) else " (built as asked)"
+        return replace(ivf, reason=f"{head}: IVF-Flat{asked}, {lists}")
+    if _pq_bits(n) < _MIN_PQ_BITS:
+        needed = _TRAIN_PER_CENTROID * 2**_MIN_PQ_BITS
+        why = f"ivfpq needs at least {needed:,} vectors to train its quantizers, {n:,} here"
+        return _sized(IndexPlan("flat", n, dim, reason=why))
+    bits = max(_pq_bits(train), _MIN_PQ_BITS)  # fewer bits than the collection allows: a tight budget
+    plans = [_sized(IndexPlan("ivfpq", n, dim, nlist, train, bits, rerank)) for rerank in RERANKS]
+    fitting = [p for p in plans if budget.fits(p.peak_bytes)]
+    if not fitting and kind == "auto":
+        raise ConfigError(
+            f"{n:,} vectors x {dim} need about {size_text(plans[-1].peak_bytes)} even as IVF-PQ "
+            f"re-ranked on 8-bit vectors, over {budget}; give a larger --memory-budget"
+        )
+    plan = (fitting or plans[-1:])[0]
+    asked = "" if fitting else " (over the budget: built as asked)"
+    what = (
+        f"IVF-PQ with {_code_bytes(dim, bits)}-byte codes re-ranked on {RERANKS[plan.rerank or 'flat'][1]}"
+        f" (about {size_text(plan.peak_bytes)}){asked}"
+    )
+    return replace(plan, reason=f"{head}: {what}, {lists}")
+
+
+def _list_count(n: int) -> int:
+    return int(max(1, 4 * np.sqrt(n)))  # about 4 sqrt(n) lists: a list scan costs about a probe's
+
+
+def _lists(n: int, dim: int, budget: Budget, train_sample: int | None) -> tuple[int, int]:
+    """IVF's list count and training sample size: 100 vectors a list (or ``train_sample``), at most
+    the collection and what the budget holds beside a block; fewer lists when that leaves any list
+    with fewer than 39."""
+    nlist = _list_count(n)
+    train = min(n, _TRAIN_PER_LIST * nlist if train_sample is None else train_sample)
+    if budget.bytes is not None:
+        train = min(train, max(0, budget.bytes - _blocks_bytes(n, dim)) // _train_bytes(1, dim))
+    train = max(train, min(n, _TRAIN_PER_CENTROID))  # k-means needs points; FAISS warns below 39
+    return max(1, min(nlist, train // _TRAIN_PER_CENTROID)), train
+
+
+def pq_m(dim: int) -> int:
+    return next(m for m in (dim // 4, dim // 2, dim) if m and dim % m == 0)  # 4 dimensions a code
+
+
+def _pq_bits(train: int) -> int:
+    """Bits per product-quantizer code: 8 (256 centroids), fewer when the training sample cannot give
+    each centroid FAISS's minimum of training points (otherwise FAISS warns per quantizer)."""
+    return int(min(8, np.floor(np.log2(max(train // _TRAIN_PER_CENTROID, 1)))))
+
+
+def _code_bytes(dim: int, bits: int) -> int:
+    return (pq_m(dim) * bits + 7) // 8
+
+
+def _blocks_bytes(n: int, dim: int) -> int:
+    """A block of vectors with its ids, and the data file's table it is read from."""
+    return 2 * min(n, BLOCK) * (4 * dim + 8)
+
+
+def _train_bytes(train: int, dim: int) -> int:
+    return train * (4 * dim + 12)  # the sample, and k-means' assignment and distance for each point
+
+
+def _sized(plan: IndexPlan) -> IndexPlan:
+    """``plan`` with its peak: the larger of training and the built index, plus the blocks read.
+
+    Per vector: flat, its float32 copy and its id; HNSW, also its links (2 x 32 on the bottom level,
+    a few above); IVF-Flat, its list entry (lists allocated at their final size) and its list number
+    from the first pass; IVF-PQ, its code and id in a list grown block by block, an id in the outer
+    map and the re-rank copy. IVF also holds its centroids, IVF-PQ its sub-quantizers.
+    """
+    n, dim = plan.rows, plan.dim
+    if plan.kind == "flat":
+        per = 4 * dim + 8.0
+    elif plan.kind == "hnsw":
+        per = 4 * dim + 8 + 2 * HNSW_LINKS * 4 * 1.2
+    elif plan.kind == "ivf":
+        per = 4 * dim + 8 + 4.0
+    else:
+        per = (
+            (_code_bytes(dim, plan.pq_bits) + 8) * _LIST_GROWTH + 8 + RERANKS[plan.rerank or "flat"][0] * dim
+        )
+    fixed = plan.nlist * dim * 4 + (dim * 2**plan.pq_bits * 4 if plan.kind == "ivfpq" else 0)
+    peak = max(int(n * per) + fixed, _train_bytes(plan.train, dim)) + _blocks_bytes(n, dim)
+    return replace(plan, peak_bytes=peak)
+
+
+def size_text(amount: float) -> str:
+    if amount >= 1e9:
+        return f"{amount / 1e9:.1f} GB"
+    return f"{amount / 1e6:.0f} MB" if amount >= 1e7 else f"{amount / 1e6:.1f} MB"
