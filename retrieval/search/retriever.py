@@ -28,9 +28,10 @@ from retrieval.errors import (
     TruncationWarning,
 )
 from retrieval.model.encoder import Encoder, ImageInput
-from retrieval.search.filters import Where, matching_ids, parse_where
+from retrieval.search.filters import Where, matching_ids, needed_columns, parse_where
 from retrieval.search.hits import Hit, folded, user_fields
 from retrieval.search.modelref import load_index_encoder
+from retrieval.search.rowsource import RowSource
 from retrieval.store.folder import Store
 from retrieval.store.location import ModelPaths, remember_model
 from retrieval.store.manifest import Manifest
@@ -73,6 +74,7 @@ class Retriever:
         self._own_encoder = encoder is None
         self._indexes: dict[str, SearchIndex] = {}
         self._rows: dict[str, _Rows] = {}
+        self._sources: dict[str, RowSource] = {}
 
     @classmethod
     def open(
@@ -98,7 +100,7 @@ class Retriever:
             return False
         old = self.store
         self.store, self.manifest = fresh, fresh.manifest  # type: ignore[assignment]
-        self._indexes, self._rows = {}, {}
+        self._indexes, self._rows, self._sources = {}, {}, {}
         if (
             self._encoder is not None
             and self._own_encoder
@@ -163,7 +165,15 @@ class Retriever:
             self._indexes[target] = load_index(self.store, state.index)
         return self._indexes[target]
 
+    def source(self, target: Target) -> RowSource:
+        """Rows of ``target`` by id, read from only the data files that hold them."""
+        if target not in self._sources:
+            self._sources[target] = RowSource(self.store, target, _ROW_COLUMNS[target])
+        return self._sources[target]
+
     def rows(self, target: Target) -> _Rows:
+        """Every row of ``target`` (result columns), read whole: for evaluation over a collection.
+        Searches read only their hits' rows (``source``)."""
         if target not in self._rows:
             tables = [t for _, t in self.store.iter_shards(target, _ROW_COLUMNS[target])]
             if not tables:
@@ -296,14 +306,12 @@ class Retriever:
 
     def size(self, target: Target) -> int:
         """How many rows ``target`` has in search."""
-        return len(self.rows(target).ids)
+        return self.source(target).count
 
     def hits(self, ids: np.ndarray, scores: np.ndarray, target: Target) -> list[Hit]:
         """One row of a search result -> ``Hit``s with the rows' fields (padding dropped)."""
-        rows = self.rows(target)
         valid = ids >= 0
-        positions = np.searchsorted(rows.ids, ids[valid])
-        records = rows.table.take(pa.array(positions)).to_pylist()
+        records = self.source(target).take(ids[valid]).to_pylist()
         root = self.store.state("images").root
         hits = []
         for rank, (record, score) in enumerate(zip(records, scores[valid], strict=True), start=1):
@@ -323,14 +331,15 @@ class Retriever:
         ``path`` matches the path as stored (relative to the image folder), as results print it
         (absolute), or relative to the working folder, so a pasted path finds its file.
         """
-        rows = self.rows(target)
-        return matching_ids(target, rows.table, rows.ids, where, self.store.state("images").root)
+        files = self.source(target).scan(needed_columns(target, where))
+        return matching_ids(target, files, where, self.store.state("images").root)
 
     def close(self) -> None:
         if self._encoder is not None:
             self._encoder.close()
         self._indexes.clear()
         self._rows.clear()
+        self._sources.clear()
         self.store.close()
 
     def __enter__(self) -> Retriever:
