@@ -132,3 +132,32 @@ def test_metadata_values_survive_json(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"caption": "x", "tags": ["a", "b"], "nested": {"k": 1}}) + "\n")
     assert records(path)[0][0].metadata == {"tags": ["a", "b"], "nested": {"k": 1}}
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl"])
+def test_caption_files_are_read_as_a_stream(
+    tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never the whole file at once; line endings, a BOM and bad bytes as a whole-file read gave."""
+    captions = ["a dog", "a cat\u2028on a mat", "caf\xe9", "the end"]
+    if suffix == ".txt":
+        body = "\ufeffa dog\r\na cat\u2028on a mat\rcaf\xe9\nthe end".encode()
+        expected = ["a dog", "a cat", "on a mat", "caf\xe9", "the end"]
+    elif suffix == ".csv":
+        body = ("\ufeffcaption\r\n" + "\r\n".join(f'"{c}"' for c in captions) + "\r\n").encode()
+        expected = [c.replace("\u2028", " ") for c in captions]  # whitespace normalized, as before
+    else:
+        body = "\n".join(json.dumps({"caption": c}) for c in captions).encode()
+        expected = [c.replace("\u2028", " ") for c in captions]
+    path = tmp_path / f"captions{suffix}"
+    path.write_bytes(body + b"\n" + (b"\xff\xfe broken" if suffix == ".txt" else b""))
+
+    def whole(self: Path) -> bytes:
+        raise AssertionError(f"{self} was read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", whole)
+    records = list(read_caption_file(path))
+    texts = [r.text for r in records if not isinstance(r, Outcome)]
+    assert texts == expected
+    if suffix == ".txt":
+        assert [o.reason for o in records if isinstance(o, Outcome)] == ["caption is not valid UTF-8"]

@@ -191,23 +191,40 @@ def read_caption_file(path: Path, source: str | None = None) -> Iterator[Caption
         yield from _parquet_rows(path, source)
         return
     try:
-        raw = path.read_bytes()
+        handle = path.open("rb")
     except OSError as e:
         raise InputError(f"cannot read caption file {path}: {e.strerror or e}") from e
+    # Read as a stream, a line at a time: memory holds one row, whatever the file's size.
     # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file.
-    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    if suffix == ".txt":
-        rows: Iterator[dict[str, Any]] = ({"caption": line} for line in text.splitlines())
-    elif suffix == ".jsonl":
-        rows = _jsonl_rows(text, path)
-    else:
-        rows = _csv_rows(text, "\t" if suffix == ".tsv" else ",", path)
-    for index, row in enumerate(rows):
-        yield _record(row, source, index)
+    with io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="") as text:
+        if suffix == ".txt":
+            rows: Iterator[dict[str, Any]] = ({"caption": line} for line in _lines(text))
+        elif suffix == ".jsonl":
+            rows = _jsonl_rows(_lines(text), path)
+        else:
+            rows = _csv_rows(text, "\t" if suffix == ".tsv" else ",", path)
+        try:
+            for index, row in enumerate(rows):
+                yield _record(row, source, index)
+        except OSError as e:
+            raise InputError(f"cannot read caption file {path}: {e.strerror or e}") from e
 
 
-def _csv_rows(text: str, delimiter: str, path: Path) -> Iterator[dict[str, Any]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+def _lines(text: io.TextIOBase) -> Iterator[str]:
+    """Lines without their ending, split as ``str.splitlines`` splits them (so a lone ``\\r`` or a
+    Unicode line separator also ends a line)."""
+    carry = ""
+    for chunk in text:
+        parts = (carry + chunk).splitlines(keepends=True)
+        carry = parts.pop() if parts and not parts[-1].endswith(("\n", "\r")) else ""
+        for part in parts:
+            yield part.splitlines()[0] if part.splitlines() else ""
+    if carry:
+        yield from carry.splitlines() or [""]
+
+
+def _csv_rows(text: io.TextIOBase, delimiter: str, path: Path) -> Iterator[dict[str, Any]]:
+    reader = csv.DictReader(text, delimiter=delimiter)
     try:
         _require_text_column(reader.fieldnames or [], path)
         for row in reader:
@@ -216,8 +233,8 @@ def _csv_rows(text: str, delimiter: str, path: Path) -> Iterator[dict[str, Any]]
         yield {"__error__": f"line {reader.line_num}: unreadable CSV ({e}); the rest of the file is not read"}
 
 
-def _jsonl_rows(text: str, path: Path) -> Iterator[dict[str, Any]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+def _jsonl_rows(lines: Iterator[str], path: Path) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
