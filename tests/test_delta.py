@@ -198,3 +198,23 @@ def test_an_earlier_format_folder_is_refused_then_migrated(tmp_path: Path) -> No
         assert ids[0, 0] == rows.column("id")[0].as_py() and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
         assert r.store.outcomes("images")  # the broken file's failure is kept
     assert cli(["migrate", str(folder)]) == 0  # a second time: nothing to do
+
+
+def test_commits_do_not_reread_the_table(config: BuildConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each commit brings the kept table up to date from the new log entries only: the number of
+    full opens (each reading the last checkpoint, which lists every file) does not grow with
+    the commits."""
+    from retrieval.store import table as delta_table
+
+    opens: list[str] = []
+
+    class Counted(DeltaTable):
+        def __init__(self, uri: str, *args: object, **kwargs: object) -> None:
+            opens.append(uri)
+            super().__init__(uri, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(delta_table, "DeltaTable", Counted)
+    build_index(BuildConfig(**{**vars(config), "image_shard_rows": 1, "caption_shard_rows": 1}))
+    commits = len(list((config.out / "images" / "_delta_log").glob("*.json")))
+    assert commits > len(GOOD)  # one commit per image, and the plan's
+    assert opens.count(str(config.out / "images")) <= 3, opens

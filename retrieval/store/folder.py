@@ -79,6 +79,7 @@ class Store:
         self.committed = manifest
         self.manifest = manifest
         self._lock_fd = lock_fd
+        self._tables: dict[str, DeltaCollection] = {}  # kept open: see DeltaCollection.newest
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -171,15 +172,21 @@ class Store:
         return dataclasses.replace(state, index=index)
 
     def table(self, collection: str) -> DeltaCollection:
-        return DeltaCollection(self.folder, collection, collection)
+        return self._table(collection, collection)
 
     def rebuild_table(self, collection: str) -> DeltaCollection:
-        return DeltaCollection(self.folder, f"{REBUILD}/{collection}", collection)
+        return self._table(f"{REBUILD}/{collection}", collection)
+
+    def _table(self, prefix: str, collection: str) -> DeltaCollection:
+        if prefix not in self._tables:
+            self._tables[prefix] = DeltaCollection(self.folder, prefix, collection)
+        return self._tables[prefix]
 
     def viewing(self, manifest: Manifest) -> Store:
         """A reader of this folder that sees ``manifest`` as it is (a build's state in progress)."""
         view = Store(self.folder, manifest, None)
         view.manifest = manifest
+        view._tables = self._tables
         return view
 
     def refreshed(self) -> Store:
@@ -324,6 +331,8 @@ class Store:
     def discard_rebuild(self) -> None:
         """Remove the tables of a rebuild that is promoted or abandoned (readers never use them)."""
         shutil.rmtree(self.folder / REBUILD, ignore_errors=True)
+        for prefix in [p for p in self._tables if p.startswith(f"{REBUILD}/")]:
+            del self._tables[prefix]
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ class DeltaCollection:
         self.prefix = prefix  # "images", or "_rebuild/images" during a --rebuild
         self.name = name
         self.path = folder / prefix
+        self._newest: DeltaTable | None = None  # kept, and brought up to date from the log's new entries
 
     @property
     def exists(self) -> bool:
@@ -70,9 +71,22 @@ class DeltaCollection:
         except (DeltaError, OSError, ValueError) as e:
             raise StoreError(f"{self.path}: unreadable Delta log ({_first_line(e)})") from e
 
+    def newest(self) -> DeltaTable:
+        """The table at its newest version. Kept between calls and brought up to date by reading
+        only the log entries added since: a fresh open would read the last checkpoint, which
+        lists every file, so each commit would cost more as the table grows."""
+        if self._newest is None:
+            self._newest = self._open()
+        else:
+            try:
+                self._newest.update_incremental()
+            except (DeltaError, OSError, ValueError) as e:
+                raise StoreError(f"{self.path}: unreadable Delta log ({_first_line(e)})") from e
+        return self._newest
+
     def snapshot(self, version: int | None = None) -> Snapshot:
         """The live files and counters at ``version`` (the newest when None)."""
-        table = self._open(version)
+        table = self._open(version) if version is not None else self.newest()
         at = table.version()
         adds = pa.table(table.get_add_actions(flatten=True))
         columns = set(adds.column_names)
@@ -164,27 +178,27 @@ class DeltaCollection:
                     commit_properties=properties,
                 )
             else:
-                self._open().create_write_transaction(
+                self.newest().create_write_transaction(
                     actions, mode="append", schema=schema, commit_properties=properties
                 )
         except (DeltaError, ValueError) as e:
             raise StoreError(f"{self.path}: the Delta commit failed ({_first_line(e)})") from e
         durable.fsync_dir(self.path / LOG)
-        version = self._open().version()
+        version = self.newest().version()
         self._sync_entry(version)
         return version
 
     def describe_as(self, description: dict[str, Any]) -> None:
         """Record ``description`` (schema version, model fingerprint) as the table's description."""
         text = json.dumps(description, sort_keys=True)
-        table = self._open()
+        table = self.newest()
         if table.metadata().description != text:
             durable.before_commit()
             table.alter.set_table_description(text)
             durable.fsync_dir(self.path / LOG)
 
     def description(self) -> dict[str, Any]:
-        raw = self._open().metadata().description
+        raw = self.newest().metadata().description
         try:
             return dict(json.loads(raw)) if raw else {}
         except ValueError:
@@ -193,7 +207,7 @@ class DeltaCollection:
     def vacuum(self, retain_hours: float, keep_versions: Sequence[int]) -> list[str]:
         """Delete the data files no version younger than ``retain_hours`` (nor ``keep_versions``)
         needs, and files no commit names (left by a crash) once older than that."""
-        table = self._open()
+        table = self.newest()
         removed = table.vacuum(
             retention_hours=math.ceil(retain_hours),  # delta-rs counts whole hours: never fewer
             dry_run=False,
@@ -211,7 +225,7 @@ class DeltaCollection:
         named: set[str] = set()
         keep = set(keep_versions)
         reached = False  # the version current at the cutoff is taken
-        for version in range(self._open().version(), -1, -1):
+        for version in range(self.newest().version(), -1, -1):
             info = self.commit_info(version)
             if info is None:
                 break
