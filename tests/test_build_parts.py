@@ -158,7 +158,7 @@ def test_a_sidecar_stays_in_one_item_and_is_done_by_its_rows(tmp_path: Path) -> 
     plan = plan_captions(sources, view, item_size=4, keep_sidecars=False, keep_files=True)
     # Items of at least 4 rows, cut only between sidecars: 5 + 5 + 5 rows.
     assert [len(item.ids) for item in plan.items] == [5, 5, 5]
-    assert plan.waiting == {} and plan.sources == {}  # sidecars are not tracked in the manifest
+    assert plan.waiting == {} and plan.sources == {}  # sidecars are not tracked in the counters
     stats = (tmp_path / "a.txt").stat()
     rows = pa.table(
         {

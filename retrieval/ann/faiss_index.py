@@ -365,5 +365,5 @@ def load_index(store: Store, record: IndexRecord) -> SearchIndex:
     except RuntimeError as e:
         raise StoreError(f"{path}: unreadable FAISS index: {str(e).splitlines()[0]}") from e
     if index.ntotal != record.rows:
-        raise StoreError(f"{path} holds {index.ntotal} vectors, the manifest says {record.rows}")
+        raise StoreError(f"{path} holds {index.ntotal} vectors, the catalog says {record.rows}")
     return SearchIndex(index, record.kind, record.param, record.value, record.refine)

@@ -211,7 +211,7 @@ def _ids_at(store: Store, name: str, version: int, report: VerifyReport) -> np.n
 
 
 def _read_file(store: Store, ref: FileRef, report: VerifyReport) -> bytes | None:
-    """The file's bytes once its size and hash match the manifest (never parsed before that)."""
+    """The file's bytes once its size (and sha256, where one is recorded) match what was committed."""
     path = store.folder / ref.file
     try:
         size = path.stat().st_size

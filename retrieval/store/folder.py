@@ -189,10 +189,6 @@ class Store:
         view._tables = self._tables
         return view
 
-    def refreshed(self) -> Store:
-        """A new reader of this folder at its newest published state."""
-        return Store.open(self.folder)
-
     def close(self) -> None:
         if self._lock_fd is not None:
             _release_lock(self.folder, self._lock_fd)

@@ -52,7 +52,7 @@ class ModelPaths:
 def model_record(
     spec: ModelSpec, folder: Path, fingerprint: dict[str, Any], checkpoint_stat: list[int] | None
 ) -> dict[str, Any]:
-    """What a manifest keeps about its model: paths both ways, the checkpoint's stats when it was
+    """What an index records about its model: paths both ways, the checkpoint's stats when it was
     hashed (the loaded checkpoint's, never taken again later), the fingerprint."""
     record: dict[str, Any] = {"absolute": {}, "fingerprint": fingerprint}
     for part in MODEL_PARTS:
