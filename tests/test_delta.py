@@ -218,3 +218,17 @@ def test_commits_do_not_reread_the_table(config: BuildConfig, monkeypatch: pytes
     commits = len(list((config.out / "images" / "_delta_log").glob("*.json")))
     assert commits > len(GOOD)  # one commit per image, and the plan's
     assert opens.count(str(config.out / "images")) <= 3, opens
+
+
+def test_a_table_left_with_a_stale_description_is_described_again(config: BuildConfig) -> None:
+    """As a promotion stopped before it described its tables leaves them: the next build
+    describes them (a commit of its own) and then commits its rows after it."""
+    build_index(config)
+    table = DeltaTable(str(config.out / "images"))
+    table.alter.set_table_description(json.dumps({"fingerprint": "an older model"}))
+    assert not verify_index(config.out).ok
+    assert config.images is not None
+    shutil.copy(config.images / "clipart" / "flag.png", config.images / "one-more.png")
+    report = build_index(config)
+    assert report.collections["images"].added == 1
+    assert verify_index(config.out).ok

@@ -65,10 +65,18 @@ class Target:
                     f"{store.folder} was built with another model (fingerprint {committed.fingerprint[:12]}, "
                     f"this one is {digest[:12]}); use the same checkpoint and towers, or --rebuild"
                 )
+            # A promotion stopped before it described its tables: describe them now, and read the
+            # state again, since each description is a commit (a new table version).
+            described = [
+                store.table(name).describe_as(table_description(name, self.fingerprint))
+                for name in committed.collections
+            ]
+            if any(described):
+                store.reload()
+                assert store.manifest is not None
+                committed = store.manifest
             self.manifest = committed
             self.rebuilding = False
-            for name in committed.collections:  # a promotion stopped before it described its tables
-                store.table(name).describe_as(table_description(name, self.fingerprint))
 
     @property
     def collections(self) -> dict[str, CollectionState]:

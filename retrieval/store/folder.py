@@ -171,6 +171,10 @@ class Store:
         state = CollectionState.from_counters(snap.counters, snap.files, snap.version)
         return dataclasses.replace(state, index=index)
 
+    def reload(self) -> None:
+        """Read the folder's state again (after a commit made outside ``commit_rows``)."""
+        self._load(pinned=self._lock_fd is None)
+
     def table(self, collection: str) -> DeltaCollection:
         return self._table(collection, collection)
 

@@ -188,14 +188,17 @@ class DeltaCollection:
         self._sync_entry(version)
         return version
 
-    def describe_as(self, description: dict[str, Any]) -> None:
-        """Record ``description`` (schema version, model fingerprint) as the table's description."""
+    def describe_as(self, description: dict[str, Any]) -> bool:
+        """Record ``description`` (schema version, model fingerprint) as the table's description;
+        whether that took a commit (a new version)."""
         text = json.dumps(description, sort_keys=True)
         table = self.newest()
-        if table.metadata().description != text:
-            durable.before_commit()
-            table.alter.set_table_description(text)
-            durable.fsync_dir(self.path / LOG)
+        if table.metadata().description == text:
+            return False
+        durable.before_commit()
+        table.alter.set_table_description(text)
+        durable.fsync_dir(self.path / LOG)
+        return True
 
     def description(self) -> dict[str, Any]:
         raw = self.newest().metadata().description
