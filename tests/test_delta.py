@@ -232,3 +232,43 @@ def test_a_table_left_with_a_stale_description_is_described_again(config: BuildC
     report = build_index(config)
     assert report.collections["images"].added == 1
     assert verify_index(config.out).ok
+
+
+def test_a_second_rebuild_with_the_same_model_is_promoted_too(
+    config: BuildConfig, tmp_path: Path, towers: tuple[Path, Path]
+) -> None:
+    build_index(config)
+    torch.manual_seed(3)
+    other = seed_checkpoint(MultiModalEncoder(*towers, embed_dim=16), tmp_path / "other.pt")
+    rebuild = BuildConfig(**{**vars(config), "model": ModelSpec(other, *towers), "rebuild": True})
+    build_index(rebuild)
+    assert config.images is not None
+    (config.images / "pic.webp").unlink()
+    shutil.copy(config.images / "clipart" / "flag.png", config.images / "new-flag.png")
+    build_index(rebuild)
+    paths = set(live(config.out, "images").column("path").to_pylist())
+    assert "pic.webp" not in paths and "new-flag.png" in paths
+    with Retriever.open(config.out, device="cpu") as r:
+        assert len(r.search_text("a flag", k=100)) == len(paths)
+    assert not (config.out / "_rebuild").exists()
+
+
+def test_vacuum_keeps_the_version_an_index_covered_until_lately(config: BuildConfig) -> None:
+    """A version stops being published when a newer index replaces it, maybe long after its files
+    were removed from the table: readers that opened before still read them, so a vacuum keeps
+    them for the retention counted from then."""
+    build_index(config)
+    reader = Retriever.open(config.out, device="cpu")  # pinned to the first index's version
+    old = reader.store.state("images").version
+    change_files(config)
+    build_index(config)
+    catalog = json.loads((config.out / "catalog.json").read_text())
+    assert f"images@{old}" in catalog["retired_versions"]
+    # As if the old index (its version, its FAISS file) was retired an hour after the removal.
+    catalog["retired_versions"][f"images@{old}"] += 3600
+    catalog["retired"] = {name: since + 3600 for name, since in catalog["retired"].items()}
+    (config.out / "catalog.json").write_text(json.dumps(catalog))
+    with Store.open(config.out, write=True) as store:
+        store.vacuum(retain_hours=0)  # every removed file is past the retention, that version is not
+    assert len(reader.search_text("a dog", k=100)) == len(GOOD)  # every file of its version is there
+    reader.close()

@@ -27,7 +27,7 @@ from retrieval.build.plan import CollectionPlan, plan_table
 from retrieval.errors import IndexMismatchError, StoreError
 from retrieval.outcomes import Outcome
 from retrieval.progress import Progress
-from retrieval.store.folder import Store, engine_folder, new_manifest
+from retrieval.store.folder import REBUILD, Store, engine_folder, new_manifest
 from retrieval.store.manifest import CollectionState, FileRef, IndexRecord, PlanRecord, Rebuild
 from retrieval.store.schema import file_metadata, schema, shard_table, table_description
 from retrieval.store.table import DeltaCollection
@@ -54,7 +54,10 @@ class Target:
             if not same:
                 store.discard_rebuild()  # another model's unfinished rebuild: its tables are of no use
             collections = ongoing.collections if ongoing is not None and same else {}
-            self.manifest = store.commit_catalog(replace(committed, rebuild=Rebuild(model, collections)))
+            token = ongoing.token if ongoing is not None and same else f"g{committed.generation + 1}"
+            self.manifest = store.commit_catalog(
+                replace(committed, rebuild=Rebuild(model, collections, token))
+            )
         else:
             if committed.rebuild is not None:
                 raise StoreError(
@@ -71,6 +74,8 @@ class Target:
                 store.table(name).describe_as(table_description(name, self.fingerprint))
                 for name in committed.collections
             ]
+            if (store.folder / REBUILD).exists():  # a promotion stopped before removing them
+                store.discard_rebuild()
             if any(described):
                 store.reload()
                 assert store.manifest is not None
@@ -143,7 +148,10 @@ class Target:
     def _set(self, collection: str, state: CollectionState) -> None:
         collections = {**self.collections, collection: state}
         if self.rebuilding:
-            self.manifest = replace(self.manifest, rebuild=Rebuild(self.model, collections))
+            assert self.manifest.rebuild is not None
+            self.manifest = replace(
+                self.manifest, rebuild=Rebuild(self.model, collections, self.manifest.rebuild.token)
+            )
         else:
             self.manifest = replace(self.manifest, collections=collections)
 
@@ -158,12 +166,13 @@ class Target:
         old files stay for readers that pinned them, until a vacuum."""
         if not self.rebuilding:
             return
-        digest = self.fingerprint["digest"]
+        assert self.manifest.rebuild is not None
+        token = self.manifest.rebuild.token  # this rebuild's, not an earlier one's with the same model
         promoted: dict[str, CollectionState] = {}
         for name, built in self.collections.items():
             live = self.manifest.collections.get(name, CollectionState())
             table = self.store.table(name)
-            if live.promoted == digest and live.version is not None:
+            if token and live.promoted == token and live.version is not None:
                 promoted[name] = replace(live, index=_moved_index(built.index, live))
                 continue  # committed before a crash: only the catalog was left to write
             adds = tuple(self._link(ref, table, live) for ref in built.shards)
@@ -176,7 +185,7 @@ class Target:
                 sources=built.sources,
                 counts=built.counts,
                 plan=None,
-                promoted=digest,
+                promoted=token,
             )
             state = self.store.commit_rows(
                 table,

@@ -123,11 +123,11 @@ class Store:
                 newest[c] = state
         rebuild = None
         if catalog.rebuild is not None:
-            model, indexes = catalog.rebuild
+            model, indexes, token = catalog.rebuild
             states = {
                 c: self._state(self.rebuild_table(c), indexes.get(c), pinned=False) for c in COLLECTIONS
             }
-            rebuild = Rebuild(model, {c: s for c, s in states.items() if s is not None})
+            rebuild = Rebuild(model, {c: s for c, s in states.items() if s is not None}, token)
         self.committed = Manifest(
             catalog.schema_version,
             catalog.generation,
@@ -137,6 +137,7 @@ class Store:
             catalog.updated,
             rebuild,
             catalog.retired,
+            catalog.retired_versions,
         )
         if not pinned:
             self.manifest = self.committed
@@ -271,11 +272,19 @@ class Store:
         """Write ``manifest``'s catalog (model, FAISS indexes, rebuild): one atomic write."""
         self._require_writer()
         now = time.time()
-        before = self.committed.catalog().files() if self.committed else set()
+        old = self.committed.catalog() if self.committed else None
+        new = manifest.catalog()
         retired = dict(manifest.retired)
-        retired.update({f: now for f in before - manifest.catalog().files() if f not in retired})
+        versions = dict(manifest.retired_versions)
+        if old is not None:
+            retired.update({f: now for f in old.files() - new.files() if f not in retired})
+            versions.update({v: now for v in old.versions() - new.versions()})
         committed = dataclasses.replace(
-            manifest, generation=manifest.generation + 1, updated=now, retired=retired
+            manifest,
+            generation=manifest.generation + 1,
+            updated=now,
+            retired=retired,
+            retired_versions=versions,
         )
         text = committed.catalog().to_json()
         atomic_write(self.folder / CATALOG, lambda tmp: tmp.write_text(text))
@@ -291,9 +300,10 @@ class Store:
     def vacuum(self, retain_hours: float = 24.0) -> list[str]:
         """Delete the files no reader within ``retain_hours`` can need; the relative paths deleted.
 
-        Kept: every file of a table version younger than that and of the versions the FAISS
-        indexes cover; the engine's own files those versions name; FAISS files the catalog names
-        or retired less than that ago. Files no commit names (an interrupted build's) go once
+        Kept: every file of a table version younger than that, of the versions the FAISS indexes
+        cover and of those they covered until less than that ago (readers pinned them); the
+        engine's own files those versions name; FAISS files the catalog names or retired less than
+        that ago. Files no commit names (an interrupted build's) go once
         older than the retention.
         """
         self._require_writer()
@@ -302,11 +312,13 @@ class Store:
             return []
         cutoff = time.time() - retain_hours * 3600
         removed: list[str] = []
+        recent = {k for k, since in manifest.retired_versions.items() if since >= cutoff}
         for name, state in manifest.collections.items():
             table = self.table(name)
             keep = (
                 [state.index.version] if state.index is not None and state.index.version is not None else []
             )
+            keep += [int(k.rsplit("@", 1)[1]) for k in recent if k.rsplit("@", 1)[0] == name]
             removed += table.vacuum(retain_hours, keep)
             needed = table.engine_files(cutoff, keep)
             folder = self.folder / engine_folder(table.prefix)
@@ -324,8 +336,9 @@ class Store:
                 path.unlink()
                 removed.append(relative)
                 retired.pop(relative, None)
-        if retired != manifest.retired:
-            self.commit_catalog(dataclasses.replace(manifest, retired=retired))
+        versions = {k: v for k, v in manifest.retired_versions.items() if k in recent}
+        if retired != manifest.retired or versions != manifest.retired_versions:
+            self.commit_catalog(dataclasses.replace(manifest, retired=retired, retired_versions=versions))
         return removed
 
     def discard_rebuild(self) -> None:

@@ -111,7 +111,7 @@ class CollectionState:
     plan: PlanRecord | None = None
     version: int | None = None  # the table version; None: no table yet
     rows_version: int | None = None  # the last version whose commit changed ids or vectors
-    promoted: str | None = None  # the model digest of the rebuild this version made the table's
+    promoted: str | None = None  # the token of the rebuild whose promotion made this version
 
     @property
     def index_current(self) -> bool:
@@ -164,6 +164,7 @@ class Rebuild:
 
     model: dict[str, Any]
     collections: dict[str, CollectionState]
+    token: str = ""  # names this rebuild: the mark its promotion leaves in each table
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,9 @@ class Manifest:
     updated: float = 0.0
     rebuild: Rebuild | None = None
     retired: dict[str, float] = field(default_factory=dict)  # FAISS files no longer named: since when
+    # Table versions an index covered until it was replaced ("images@5"): since when. Readers that
+    # opened before may still read them, so a vacuum keeps their files for the retention.
+    retired_versions: dict[str, float] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str | None:
@@ -187,9 +191,16 @@ class Manifest:
         rebuild = None
         if self.rebuild is not None:
             rebuild_indexes = {n: s.index for n, s in self.rebuild.collections.items() if s.index}
-            rebuild = (self.rebuild.model, rebuild_indexes)
+            rebuild = (self.rebuild.model, rebuild_indexes, self.rebuild.token)
         return Catalog(
-            self.schema_version, self.generation, self.model, indexes, rebuild, self.updated, self.retired
+            self.schema_version,
+            self.generation,
+            self.model,
+            indexes,
+            rebuild,
+            self.updated,
+            self.retired,
+            self.retired_versions,
         )
 
 
@@ -201,10 +212,15 @@ class Catalog:
     generation: int
     model: dict[str, Any]
     indexes: dict[str, IndexRecord]
-    rebuild: tuple[dict[str, Any], dict[str, IndexRecord]] | None = None  # its model and indexes
+    rebuild: tuple[dict[str, Any], dict[str, IndexRecord], str] | None = None  # model, indexes, token
     updated: float = 0.0
     retired: dict[str, float] = field(default_factory=dict)
+    retired_versions: dict[str, float] = field(default_factory=dict)
     engine_version: str = __version__
+
+    def versions(self) -> set[str]:
+        """The table versions this catalog's indexes cover, as ``collection@version``."""
+        return {f"{name}@{r.version}" for name, r in self.indexes.items() if r.version is not None}
 
     def files(self) -> set[str]:
         """The FAISS files this catalog names (a rebuild's included)."""
@@ -221,10 +237,15 @@ class Catalog:
             "indexes": {n: r.to_dict() for n, r in self.indexes.items()},
             "rebuild": None,
             "retired": self.retired,
+            "retired_versions": self.retired_versions,
         }
         if self.rebuild is not None:
-            model, indexes = self.rebuild
-            data["rebuild"] = {"model": model, "indexes": {n: r.to_dict() for n, r in indexes.items()}}
+            model, indexes, token = self.rebuild
+            data["rebuild"] = {
+                "model": model,
+                "indexes": {n: r.to_dict() for n, r in indexes.items()},
+                "token": token,
+            }
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
@@ -244,11 +265,13 @@ class Catalog:
             rebuild=(
                 dict(rebuild["model"]),
                 {k: IndexRecord.from_dict(v) for k, v in rebuild["indexes"].items()},
+                str(rebuild.get("token", "")),
             )
             if rebuild
             else None,
             updated=float(data.get("updated", 0.0)),
             retired={k: float(v) for k, v in data.get("retired", {}).items()},
+            retired_versions={k: float(v) for k, v in data.get("retired_versions", {}).items()},
             engine_version=str(data.get("engine_version", "")),
         )
 

@@ -198,6 +198,7 @@ class DeltaCollection:
         durable.before_commit()
         table.alter.set_table_description(text)
         durable.fsync_dir(self.path / LOG)
+        self._sync_entry(self.newest().version())
         return True
 
     def description(self) -> dict[str, Any]:
