@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from retrieval import ModelSpec
 from retrieval.build.pipeline import BuildConfig
+from retrieval.cli import index_app, run
 from retrieval.store.folder import Store
 
 
@@ -67,6 +68,15 @@ def canonical(folder: Path) -> dict[str, list[tuple]]:
             )
         )
     return out
+
+
+def cli(argv: list[str]) -> int:
+    """Run the ``index`` app in this process; its exit code."""
+    try:
+        run(index_app, argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 def model_flags(checkpoint: Path, text_model: Path, vision_model: Path) -> list[str]:

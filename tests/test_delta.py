@@ -17,25 +17,16 @@ import torch
 from conftest import seed_checkpoint
 from corpus import GOOD
 from deltalake import DeltaTable
-from stores import live
+from stores import cli, live
 
 from retrieval import ModelSpec, Retriever, StoreError
 from retrieval.build.pipeline import BuildConfig, build_index
 from retrieval.build.verify import verify_index
-from retrieval.cli import index_app, run
 from retrieval.model.dual_encoder import MultiModalEncoder
 from retrieval.store.folder import Store
 from retrieval.vectors import embedding_matrix
 
 V1_INDEX = Path(__file__).parent / "data" / "v1-index"
-
-
-def cli(argv: list[str]) -> int:
-    try:
-        run(index_app, argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def delta_extension() -> str:

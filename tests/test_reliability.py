@@ -31,14 +31,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from corpus import GOOD
-from stores import build_args, canonical, committed
+from stores import build_args, canonical, cli, committed
 from transformers import ViTImageProcessor
 
 from retrieval import Encoder, Retriever, StoreError, durable
 from retrieval.build.execute import LocalExecutor
 from retrieval.build.pipeline import BuildConfig, build_index
 from retrieval.build.verify import verify_index
-from retrieval.cli import index_app, run
 from retrieval.durable import FAULT_ENV
 from retrieval.ingest import reader
 from retrieval.ingest.reader import decode_file
@@ -56,15 +55,6 @@ FUZZ_PER_FILE = 24
 def built(config: BuildConfig) -> Path:
     build_index(config)
     return config.out
-
-
-def cli(argv: list[str]) -> int:
-    """Run the ``index`` app in this process; its exit code."""
-    try:
-        run(index_app, argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def tmp_files(folder: Path) -> list[Path]:

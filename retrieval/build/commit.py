@@ -29,7 +29,7 @@ from retrieval.outcomes import Outcome
 from retrieval.progress import Progress
 from retrieval.store.folder import REBUILD, Store, engine_folder, new_manifest
 from retrieval.store.manifest import CollectionState, FileRef, IndexRecord, PlanRecord, Rebuild
-from retrieval.store.schema import file_metadata, schema, shard_table, table_description
+from retrieval.store.schema import schema, shard_table, stored_table, table_description
 from retrieval.store.table import DeltaCollection
 
 __all__ = ["Committer", "Target"]
@@ -418,20 +418,10 @@ class Committer:
                 )
             removes.append(ref)
             if keep.any():
-                table = _stored_form(table.filter(pa.array(keep)), name, self.fingerprint)
+                table = stored_table(table.filter(pa.array(keep)), name, self.fingerprint)
                 first = int(table.column("id").to_numpy()[0])
                 adds.append(self.store.write_table(self.target.file_name(name, "shard", first), table))
         return tuple(adds), tuple(removes)
-
-
-def _stored_form(table: pa.Table, collection: str, fingerprint: dict[str, Any]) -> pa.Table:
-    """A read data file's rows as they are written: the table's schema, the files' metadata."""
-    dim = int(fingerprint["dim"])
-    vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    offsets = pa.array(np.arange(0, (len(vectors) + 1) * dim, dim, dtype=np.int32))
-    column = pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1), pa.float32()))
-    table = table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
-    return table.cast(schema(collection, dim)).replace_schema_metadata(file_metadata(collection, fingerprint))
 
 
 def _counts(indexed: int, outcomes: list[Outcome]) -> dict[str, int]:

@@ -16,18 +16,19 @@ built from (or a newer one that changed no row) and the files they name stay on 
 ``vacuum`` removes them, after their retention. Every file is checked before its bytes are
 trusted: data files by the size their commit logged, their id range and their Parquet page
 checksums; other files by their sha256.
+
+The module is long because ``Store`` is one object with one job (what a reader or writer of the
+folder sees, and every check on the way in and out); the table, the lock, the records and the
+schema live in modules of their own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
-import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ import pyarrow.parquet as pq
 from retrieval.durable import TMP_MARKER, atomic_write, atomic_write_bytes, before_read, file_sha256
 from retrieval.errors import IndexMismatchError, StoreError
 from retrieval.outcomes import Outcome
+from retrieval.store.lock import release_lock, take_lock
 from retrieval.store.manifest import (
     COLLECTIONS,
     SCHEMA_VERSION,
@@ -97,7 +99,7 @@ class Store:
         lock_fd = None
         if write:
             folder.mkdir(parents=True, exist_ok=True)
-            lock_fd = _take_lock(folder)
+            lock_fd = take_lock(folder)
         try:
             store = cls(folder, None, lock_fd)
             store._load(pinned=not write)
@@ -105,7 +107,7 @@ class Store:
                 store._remove_temporaries()
         except BaseException:
             if lock_fd is not None:
-                _release_lock(folder, lock_fd)
+                release_lock(folder, lock_fd)
             raise
         return store
 
@@ -196,7 +198,7 @@ class Store:
 
     def close(self) -> None:
         if self._lock_fd is not None:
-            _release_lock(self.folder, self._lock_fd)
+            release_lock(self.folder, self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> Store:
@@ -553,47 +555,3 @@ def _read_catalog(folder: Path) -> Catalog | None:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-# Folders this process holds the lock of. A POSIX record lock does not exclude its own process,
-# and closing any descriptor of the file would release it, so the process keeps its own table.
-_HELD: set[Path] = set()
-_HELD_GUARD = threading.Lock()
-
-
-def _take_lock(folder: Path) -> int:
-    key = folder.resolve()
-    with _HELD_GUARD:
-        if key in _HELD:
-            raise StoreError(f"{folder} is locked by another build (pid {os.getpid()}, this process)")
-        _HELD.add(key)
-    try:
-        return _lock_file(folder)
-    except BaseException:
-        with _HELD_GUARD:
-            _HELD.discard(key)
-        raise
-
-
-def _release_lock(folder: Path, fd: int) -> None:
-    os.close(fd)  # closing the descriptor releases the record lock
-    with _HELD_GUARD:
-        _HELD.discard(folder.resolve())
-
-
-def _lock_file(folder: Path) -> int:
-    path = folder / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        # A POSIX record lock, not flock: forked decoding workers must not inherit it, or it would
-        # outlive a killed build until its workers exit.
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise StoreError(
-            f"{folder} is locked by another build (pid {holder}); wait for it to finish"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd

@@ -27,7 +27,7 @@ from retrieval.durable import before_read
 from retrieval.errors import StoreError
 from retrieval.store.folder import CATALOG, LEGACY_MANIFEST, Store, engine_folder, new_manifest
 from retrieval.store.manifest import COLLECTIONS, CollectionState, IndexRecord
-from retrieval.store.schema import file_metadata, schema, table_description
+from retrieval.store.schema import schema, stored_table, table_description
 
 __all__ = ["MigrationReport", "migrate_folder"]
 
@@ -94,7 +94,7 @@ def _migrate(folder: Path, old: dict[str, Any]) -> MigrationReport:
                 first = int(table.column("id").to_numpy().min())
                 adds.append(
                     store.write_table(
-                        f"{name}/shard-{first:012d}-v000000.parquet", _current(table, name, fingerprint, dim)
+                        f"{name}/shard-{first:012d}-v000000.parquet", stored_table(table, name, fingerprint)
                     )
                 )
             outcomes = None
@@ -142,17 +142,6 @@ def _kept_index(
     fields = {f.name for f in dataclasses.fields(IndexRecord)}
     kept = {k: v for k, v in index.items() if k in fields and k not in ("file", "version", "rows_version")}
     return IndexRecord(**kept, file=ref, version=state.version, rows_version=state.rows_version)
-
-
-def _current(table: pa.Table, name: str, fingerprint: dict[str, Any], dim: int) -> pa.Table:
-    """An old shard's rows in this schema: the vectors as a list, this schema version's metadata."""
-    column = table.column("embedding").combine_chunks()
-    values = column.flatten()
-    offsets = pa.array(np.arange(0, (len(column) + 1) * dim, dim, dtype=np.int32))
-    table = table.set_column(
-        table.schema.get_field_index("embedding"), "embedding", pa.ListArray.from_arrays(offsets, values)
-    )
-    return table.cast(schema(name, dim)).replace_schema_metadata(file_metadata(name, fingerprint))
 
 
 def _checked(folder: Path, ref: dict[str, Any]) -> bytes:

@@ -31,6 +31,8 @@ __all__ = [
     "file_metadata",
     "schema",
     "shard_table",
+    "stored_embedding",
+    "stored_table",
     "table_description",
 ]
 
@@ -96,6 +98,22 @@ def schema(collection: str, dim: int) -> pa.Schema:
     return pa.schema(fields)
 
 
+def stored_embedding(fixed: pa.FixedSizeListArray) -> pa.ListArray:
+    """Vectors as a table stores them: ``fixed_size_list<float32>[D]`` -> ``list<float32>``."""
+    dim = fixed.type.list_size
+    offsets = pa.array(np.arange(0, (len(fixed) + 1) * dim, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, fixed.flatten())
+
+
+def stored_table(table: pa.Table, collection: str, fingerprint: dict[str, Any]) -> pa.Table:
+    """Rows read back (or from an older format) as a data file is written: this schema, the
+    vectors as a list, this schema version's metadata."""
+    column = stored_embedding(table.column("embedding").combine_chunks())
+    table = table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
+    target = schema(collection, int(fingerprint["dim"]))
+    return table.cast(target).replace_schema_metadata(file_metadata(collection, fingerprint))
+
+
 def table_description(collection: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """What a collection's Delta table records as its description: schema version and model."""
     return {
@@ -135,7 +153,5 @@ def shard_table(
         if f.name == "flags":
             values = [list(v) for v in values]
         columns[f.name] = pa.array(values, _ARROW[f.name])
-    fixed = embedding_array(vectors)
-    offsets = pa.array(np.arange(0, (len(fixed) + 1) * dim, dim, dtype=np.int32))
-    columns["embedding"] = pa.ListArray.from_arrays(offsets, fixed.flatten())
+    columns["embedding"] = stored_embedding(embedding_array(vectors))
     return pa.table(columns, schema=target).replace_schema_metadata(file_metadata(collection, fingerprint))
