@@ -11,14 +11,18 @@ import pytest
 from retrieval.build.commit import Committer, Target
 from retrieval.build.execute import ItemResult
 from retrieval.build.plan import (
+    CaptionInput,
+    CaptionItems,
     CollectionView,
     ImageInput,
     WorkItem,
     plan_captions,
     plan_images,
+    plan_table,
     read_source,
     read_view,
 )
+from retrieval.errors import InputError
 from retrieval.ingest.sources import ImageFile
 from retrieval.model.fingerprint import ModelFingerprint
 from retrieval.outcomes import Outcome, Reason
@@ -188,6 +192,45 @@ def test_a_sidecar_stays_in_one_item_and_is_done_by_its_rows(tmp_path: Path) -> 
     )
     assert read == ["b.txt", "c.txt"]  # a.txt's rows carry its current stats: not read again
     assert [i for item in again.items for i in item.ids] == list(range(5, 15))
+
+
+def caption_view(next_id: int = 0) -> CollectionView:
+    columns = [("id", pa.int64()), ("source", pa.string()), ("row", pa.int64()), ("text", pa.string())]
+    columns += [("image", pa.string()), ("metadata", pa.string()), ("size", pa.int64())]
+    columns += [("mtime_ns", pa.int64())]
+    return CollectionView(
+        CollectionState(next_id=next_id), pa.table({c: pa.array([], t) for c, t in columns}), [], {}
+    )
+
+
+def test_a_caption_plan_holds_ids_and_row_numbers_and_reads_its_rows_when_taken(tmp_path: Path) -> None:
+    source = tmp_path / "c.csv"
+    source.write_text("caption,n\n" + "".join(f"caption {k},{k}\n" for k in range(10)))
+    plan = plan_captions(
+        [(str(source), source, None)], caption_view(3), item_size=4, keep_sidecars=True, keep_files=False
+    )
+    assert isinstance(plan.items, CaptionItems) and plan.items.sizes == [4, 4, 2] and plan.planned == 10
+    assert plan.items.ids.dtype == np.int64 and plan.items.rows.tolist() == list(range(10))
+    taken = list(plan.items)
+    assert [item.ids for item in taken] == [(3, 4, 5, 6), (7, 8, 9, 10), (11, 12)]
+    texts = [x.record.text for item in taken for x in item.inputs if isinstance(x, CaptionInput)]
+    assert texts == [f"caption {k}" for k in range(10)]
+    assert plan.items[1].ids == (7, 8, 9, 10) and plan.waiting[str(source)][0] == {0, 1, 2}
+    table = plan_table(plan)
+    assert table.column("id").to_pylist() == list(range(3, 13)) and table.column("digest").type == pa.int64()
+
+
+def test_a_caption_file_changed_after_planning_is_refused_not_misread(tmp_path: Path) -> None:
+    source = tmp_path / "c.txt"
+    source.write_text("".join(f"line {k}\n" for k in range(6)))
+    plan = plan_captions(
+        [(str(source), source, None)], caption_view(), item_size=2, keep_sidecars=True, keep_files=False
+    )
+    items = iter(plan.items)
+    assert [x.record.text for x in next(items).inputs if isinstance(x, CaptionInput)] == ["line 0", "line 1"]
+    source.write_text("another\n" + source.read_text())  # a line inserted above: every row moves
+    with pytest.raises(InputError, match="changed while it was being indexed"):
+        list(plan.items)
 
 
 def result_for(item: WorkItem, failing: str = "007.png") -> ItemResult:

@@ -271,12 +271,12 @@ class Committer:
         name = plan.collection
         state = self.target.state(name)
         self.outcomes[name] = list(plan.outcomes)
-        self.remaining[name] = {item.number for item in plan.items}
+        self.remaining[name] = set(range(len(plan.items)))  # items are numbered from 0
         self.waiting[name] = {k: (set(v[0]), v[1]) for k, v in plan.waiting.items()}
         changed = (
             plan.deleted
             or plan.restat
-            or plan.items
+            or len(plan.items)
             or state.outcomes is None
             or set(plan.outcomes) != set(self.store.outcomes_of(state))
             or plan.sources != state.sources
@@ -287,7 +287,7 @@ class Committer:
         adds, removes = self._rewrite(name, state, plan.deleted, plan.restat)
         outcomes = self.store.write_outcomes(self.target.file_name(name, "outcomes"), plan.outcomes)
         record = None
-        if plan.items:
+        if len(plan.items):
             table = plan_table(plan)
             ref = self.store.write_table(self.target.file_name(name, "plan"), table)
             record = PlanRecord(ref, int(table.column("id").to_numpy().min()))

@@ -30,7 +30,7 @@ class BuildConfig:
     rebuild: bool = False
     replace_root: bool = False  # index ``images`` in place of the folder the index holds
     image_shard_rows: int = 4096  # inputs per work item, and so rows per shard at most
-    caption_shard_rows: int = 16384
+    caption_shard_rows: int = 65536  # captions are small: files of about 75 MB, few commits
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds for one image; 0: no limit
     index: IndexConfig = field(default_factory=IndexConfig)

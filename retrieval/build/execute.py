@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from retrieval.build.plan import CaptionInput, ImageInput, WorkItem
+from retrieval.build.plan import CaptionInput, CaptionItems, ImageInput, WorkItem, item_sizes
 from retrieval.errors import StoreError
 from retrieval.ingest.reader import (
     DEFAULT_DECODE_TIMEOUT,
@@ -152,10 +152,10 @@ class LocalExecutor:
         progress: Progress,
         stop: threading.Event | None = None,
     ) -> Iterator[ItemResult]:
-        if not items:
+        if not len(items):
             return
-        collection = items[0].collection
-        progress.start(collection, sum(len(item.ids) for item in items))
+        collection = items.collection if isinstance(items, CaptionItems) else items[0].collection
+        progress.start(collection, sum(item_sizes(items)))
         try:
             if collection == "images":
                 yield from self._images(items, stored, progress, stop)
@@ -217,7 +217,7 @@ class LocalExecutor:
         progress: Progress,
         stop: threading.Event | None,
     ) -> Iterator[ItemResult]:
-        # The bar moves every few model batches, not once an item (16,384 captions by default).
+        # The bar moves every few model batches, not once an item (65,536 captions by default).
         step = self.encoder.text_batch_size * 4
         for item in items:
             inputs = [x for x in item.inputs if isinstance(x, CaptionInput)]

@@ -159,7 +159,7 @@ class _Run:
         """Commit ``plan``, run its items, commit each result; the collection's report."""
         self.committer.begin(plan)
         added = encoded = reused = truncated = 0
-        if plan.items:
+        if len(plan.items):
             stored = StoredVectors(
                 self.target.view(), plan.collection, self.dim, self.target.table(plan.collection)
             )

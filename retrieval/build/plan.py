@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from retrieval.errors import InputError
 from retrieval.ingest.sources import (
     CaptionRecord,
     ImageFile,
@@ -36,10 +40,12 @@ from retrieval.store.manifest import CollectionState
 
 __all__ = [
     "CaptionInput",
+    "CaptionItems",
     "CollectionPlan",
     "CollectionView",
     "ImageInput",
     "WorkItem",
+    "item_sizes",
     "plan_captions",
     "plan_images",
     "plan_table",
@@ -116,7 +122,7 @@ class CollectionPlan:
     """One collection's build: the items to encode and what changes before and beside them."""
 
     collection: str
-    items: list[WorkItem]
+    items: Sequence[WorkItem]  # images: a list; captions: CaptionItems, read when iterated
     deleted: list[int]  # ids leaving search: inputs gone or changed (committed before any item)
     restat: dict[int, tuple[int, int]]  # id -> new (size, mtime_ns): touched files, same content
     outcomes: list[Outcome]  # skipped and failed inputs known before encoding
@@ -130,7 +136,14 @@ class CollectionPlan:
 
     @property
     def planned(self) -> int:
-        return sum(len(item.ids) for item in self.items)
+        return sum(item_sizes(self.items))
+
+
+def item_sizes(items: Sequence[WorkItem]) -> list[int]:
+    """How many inputs each item holds, without reading a caption plan's rows."""
+    if isinstance(items, CaptionItems):
+        return items.sizes
+    return [len(item.ids) for item in items]
 
 
 def read_view(store: Store, collection: str) -> CollectionView:
@@ -156,20 +169,15 @@ def read_view(store: Store, collection: str) -> CollectionView:
 
 def plan_table(plan: CollectionPlan) -> pa.Table:
     """Each planned input with its id: what the store keeps while the plan is in progress."""
+    if isinstance(plan.items, CaptionItems):
+        return plan.items.table()
     ids = [i for item in plan.items for i in item.ids]
-    inputs = [x for item in plan.items for x in item.inputs]
-    if plan.collection == "images":
-        columns: dict[str, Any] = {
-            "path": [x.path for x in inputs if isinstance(x, ImageInput)],
-            "size": [x.size for x in inputs],
-            "mtime_ns": [x.mtime_ns for x in inputs],
-        }
-    else:
-        columns = {
-            "source": [x.record.source for x in inputs if isinstance(x, CaptionInput)],
-            "row": [x.record.row for x in inputs if isinstance(x, CaptionInput)],
-            "digest": [x.key[2] for x in inputs if isinstance(x, CaptionInput)],
-        }
+    inputs = [x for item in plan.items for x in item.inputs if isinstance(x, ImageInput)]
+    columns: dict[str, Any] = {
+        "path": [x.path for x in inputs],
+        "size": [x.size for x in inputs],
+        "mtime_ns": [x.mtime_ns for x in inputs],
+    }
     return pa.table({"id": pa.array(ids, pa.int64()), **columns})
 
 
@@ -267,67 +275,62 @@ def plan_captions(
     A row that reads as it was indexed keeps its id; a changed, new or moved row is planned and
     the row it replaces leaves search. ``keep_sidecars`` / ``keep_files``: a run without an image
     folder (or without caption files) leaves those sources' rows, outcomes and completion as
-    they are.
+    they are. The sources are read as a stream and the plan keeps 28 bytes a planned row
+    (``CaptionItems``): its items read their rows again when the executor takes them.
     """
     state = view.state
-    rows_of: dict[str, dict[int, tuple[int, tuple[Any, ...]]]] = {}
-    stats_of: dict[str, set[tuple[int, int]]] = {}  # the file stats each source's rows were read with
-    columns = ("id", "source", "row", "text", "image", "metadata", "size", "mtime_ns")
-    for i, source, row, text, image, metadata, size, mtime in zip(
-        *(view.rows.column(c).to_pylist() for c in columns), strict=True
-    ):
-        rows_of.setdefault(source, {})[row] = (i, (text, image, metadata))
-        stats_of.setdefault(source, set()).add((size, mtime))
+    indexed = _IndexedCaptions(view.rows)
     outcomes_of: dict[str, list[Outcome]] = {}
     for o in view.outcomes:
         outcomes_of.setdefault(o.parent or o.source, []).append(o)
 
     outcomes: list[Outcome] = []
-    planned: list[CaptionInput] = []
+    planning = _CaptionPlanning(view, item_size, read)
     stale: list[int] = []
     present: set[str] = set()
     files = {name for name, _, image in sources if image is None}
     # Caption files span items: one is done once every item holding its rows is committed
     # (``sources``). A sidecar's rows always share an item, so its rows' stats say it is done.
     done = {k: v for k, v in state.sources.items() if k in files}
-    last_of: dict[str, tuple[int, list[int]]] = {}  # caption file -> (its last planned position, stats)
+    waiting_stats: dict[str, list[int]] = {}
     for source, path, image in sources:
         present.add(source)
-        existing = rows_of.get(source, {})
         try:
             info = path.stat()
         except OSError as e:
             why = f"cannot read: {e.strerror or e}"
             outcomes.append(Outcome(source, "failed", "read", why, Reason.UNREADABLE, parent=source))
-            stale.extend(i for i, _ in existing.values())
+            stale.extend(indexed.ids(source))
             done.pop(source, None)
             continue
         stats = [info.st_size, info.st_mtime_ns]
-        seen = stats_of.get(source, set()) | {(o.size, o.mtime_ns) for o in outcomes_of.get(source, [])}
+        seen = indexed.stats(source) | {(o.size, o.mtime_ns) for o in outcomes_of.get(source, [])}
         finished = done.get(source) == stats if image is None else seen == {(stats[0], stats[1])}
         if finished:
             outcomes.extend(outcomes_of.get(source, []))
             continue
         done.pop(source, None)
+        existing = indexed.rows(source)  # row -> (id, digest), in row order
         kept: set[int] = set()
+        before = planning.count
         for record in read(path, source, image):
             if isinstance(record, Outcome):
                 outcomes.append(replace(record, size=stats[0], mtime_ns=stats[1], parent=source))
                 continue
-            metadata = json.dumps(record.metadata, sort_keys=True, ensure_ascii=False, default=str)
+            digest = _digest(record.text, record.image, _metadata_text(record.metadata))
             old = existing.get(record.row)
-            if old is not None and old[1] == (record.text, record.image, metadata):
+            if old is not None and old[1] == digest:
                 kept.add(record.row)  # the same row as indexed: it keeps its id
                 continue
-            planned.append(CaptionInput(record, metadata, stats[0], stats[1]))
+            planning.add(source, path, image, stats, record.row, digest)
         stale.extend(i for row, (i, _) in existing.items() if row not in kept)
         if image is not None:
             continue
-        if planned and planned[-1].record.source == source:
-            last_of[source] = (len(planned) - 1, stats)
+        if planning.count > before:
+            waiting_stats[source] = stats
         else:
             done[source] = stats
-    known = {*rows_of, *state.sources, *(o.parent or o.source for o in view.outcomes)}
+    known = {*indexed.sources, *state.sources, *(o.parent or o.source for o in view.outcomes)}
     carried = {
         source
         for source in known
@@ -339,37 +342,242 @@ def plan_captions(
     present |= carried
     outcomes.extend(o for source in carried for o in outcomes_of.get(source, []))
     done.update({k: v for k, v in state.sources.items() if k in carried and Path(k).is_absolute()})
-    stale.extend(i for source, rows in rows_of.items() if source not in present for i, _ in rows.values())
+    stale.extend(i for source in indexed.sources if source not in present for i in indexed.ids(source))
 
-    # A sidecar's rows stay together in one item; a caption file's may be cut anywhere.
-    units = [
-        k == 0 or x.record.image is None or x.record.source != planned[k - 1].record.source
-        for k, x in enumerate(planned)
-    ]
-    items, next_id, kept_ids = _items("captions", planned, view, item_size, units)
-    item_of = [item.number for item in items for _ in item.ids]
-    waiting: dict[str, tuple[set[int], list[int]]] = {}
-    for position, planned_input in enumerate(planned):
-        source = planned_input.record.source
-        if source in last_of:
-            waiting.setdefault(source, (set(), last_of[source][1]))[0].add(item_of[position])
+    items = planning.items()
+    waiting = {source: (items.numbers_of(source), stats) for source, stats in waiting_stats.items()}
     return CollectionPlan(
-        "captions", items, stale, {}, outcomes, next_id, sources=done, waiting=waiting, kept_ids=kept_ids
+        "captions",
+        items,
+        stale,
+        {},
+        outcomes,
+        planning.next_id,
+        sources=done,
+        waiting=waiting,
+        kept_ids=planning.kept,
     )
+
+
+class CaptionItems(Sequence[WorkItem]):
+    """A caption plan's work items, held as 28 bytes a planned row (its source, row number, key
+    digest and id) and read again from the sources, one item at a time, when iterated.
+
+    A source whose size or modification time changed since it was planned is refused
+    (``InputError``): the items committed by then hold rows as planned, and a rerun plans the
+    file as it is now.
+    """
+
+    collection = "captions"
+
+    def __init__(
+        self,
+        sources: list[tuple[str, Path, str | None, list[int]]],
+        read: Reader,
+        source_of: np.ndarray,
+        rows: np.ndarray,
+        digests: np.ndarray,
+        ids: np.ndarray,
+        cuts: np.ndarray,
+    ) -> None:
+        self.sources = sources  # (name, path, image, stats when planned)
+        self.read = read
+        self.source_of = source_of
+        self.rows = rows
+        self.digests = digests
+        self.ids = ids
+        self.cuts = cuts  # positions where items start, then the number of planned rows
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(n) for n in np.diff(self.cuts)]
+
+    def __len__(self) -> int:
+        return len(self.cuts) - 1
+
+    @overload
+    def __getitem__(self, index: int) -> WorkItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[WorkItem]: ...
+    def __getitem__(self, index: int | slice) -> WorkItem | list[WorkItem]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        number = range(len(self))[index]
+        return next(islice(iter(self), number, None))
+
+    def __iter__(self) -> Iterator[WorkItem]:
+        cuts = self.cuts.tolist()
+        pending: list[CaptionInput] = []
+        number = 0
+        changes = (np.flatnonzero(np.diff(self.source_of)) + 1).tolist()
+        for begin, end in zip([0, *changes], [*changes, len(self.ids)], strict=True):
+            for x in self._read(int(self.source_of[begin]), self.rows[begin:end]):
+                pending.append(x)
+                if cuts[number] + len(pending) == cuts[number + 1]:
+                    ids = tuple(self.ids[cuts[number] : cuts[number + 1]].tolist())
+                    yield WorkItem("captions", number, ids, tuple(pending))
+                    pending, number = [], number + 1
+
+    def numbers_of(self, source: str) -> set[int]:
+        """The items that hold rows of ``source``."""
+        index = next(k for k, s in enumerate(self.sources) if s[0] == source)
+        positions = np.flatnonzero(self.source_of == index)
+        return set(np.searchsorted(self.cuts, positions, side="right").astype(int) - 1)
+
+    def table(self) -> pa.Table:
+        """Each planned row with its id: what the store keeps while the plan is in progress."""
+        names = pa.array([s[0] for s in self.sources], pa.string())
+        return pa.table(
+            {
+                "id": pa.array(self.ids, pa.int64()),
+                "source": pa.DictionaryArray.from_arrays(pa.array(self.source_of, pa.int32()), names),
+                "row": pa.array(self.rows, pa.int64()),
+                "digest": pa.array(self.digests, pa.int64()),
+            }
+        )
+
+    def _read(self, index: int, rows: np.ndarray) -> Iterator[CaptionInput]:
+        name, path, image, stats = self.sources[index]
+        _check_unchanged(path, stats)
+        wanted = iter(rows.tolist())
+        want = next(wanted, None)
+        for record in self.read(path, name, image):
+            if want is None:
+                break
+            if isinstance(record, Outcome) or record.row < want:
+                continue
+            if record.row > want:
+                break
+            yield CaptionInput(record, _metadata_text(record.metadata), stats[0], stats[1])
+            want = next(wanted, None)
+        if want is not None:
+            raise InputError(f"{path} changed while it was being indexed: run the build again")
+        _check_unchanged(path, stats)
+
+
+class _CaptionPlanning:
+    """The planned rows of a caption plan as they are found: ids given, items cut."""
+
+    def __init__(self, view: CollectionView, item_size: int, read: Reader) -> None:
+        self.reserved = dict(view.reserved)
+        self.next_id = view.state.next_id
+        self.item_size = item_size
+        self.read = read
+        self.kept = 0
+        self.count = 0
+        self.sources: list[tuple[str, Path, str | None, list[int]]] = []
+        self.index: dict[str, int] = {}
+        self.source_of = array("i")
+        self.rows = array("q")
+        self.digests = array("q")
+        self.ids = array("q")
+        self.cuts = array("q")
+        self.last_image: tuple[str, str | None] | None = None
+
+    def add(
+        self, source: str, path: Path, image: str | None, stats: list[int], row: int, digest: int
+    ) -> None:
+        if source not in self.index:
+            self.index[source] = len(self.sources)
+            self.sources.append((source, path, image, stats))
+        # A sidecar's rows stay together in one item; a caption file's may be cut anywhere.
+        starts = image is None or self.last_image != (source, image)
+        if not self.cuts or (self.count - self.cuts[-1] >= self.item_size and starts):
+            self.cuts.append(self.count)
+        self.last_image = (source, image)
+        reused = self.reserved.pop((source, row, digest), None)
+        if reused is None:
+            reused, self.next_id = self.next_id, self.next_id + 1
+        else:
+            self.kept += 1
+        self.source_of.append(self.index[source])
+        self.rows.append(row)
+        self.digests.append(digest)
+        self.ids.append(reused)
+        self.count += 1
+
+    def items(self) -> CaptionItems:
+        def array_of(values: array, dtype: type) -> np.ndarray:
+            return np.frombuffer(values, dtype=dtype) if len(values) else np.empty(0, dtype)
+
+        cuts = np.append(array_of(self.cuts, np.int64), self.count) if self.count else np.zeros(1, np.int64)
+        return CaptionItems(
+            self.sources,
+            self.read,
+            array_of(self.source_of, np.int32),
+            array_of(self.rows, np.int64),
+            array_of(self.digests, np.int64),
+            array_of(self.ids, np.int64),
+            cuts,
+        )
+
+
+class _IndexedCaptions:
+    """The live caption rows grouped by source, without a Python object per row until a source's
+    rows are compared (``rows``), one source at a time."""
+
+    def __init__(self, rows: pa.Table) -> None:
+        self.table = rows
+        order = pc.sort_indices(rows, sort_keys=[("source", "ascending"), ("row", "ascending")])
+        self.order = order
+        names = rows.column("source").take(order)
+        self.slices: dict[str, tuple[int, int]] = {}
+        if len(names):
+            values = names.to_numpy(zero_copy_only=False)
+            starts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist()]
+            ends = [*starts[1:], len(values)]
+            self.slices = {str(values[a]): (a, b) for a, b in zip(starts, ends, strict=True)}
+        self.sources = set(self.slices)
+
+    def _take(self, source: str, columns: Sequence[str]) -> pa.Table:
+        a, b = self.slices.get(source, (0, 0))
+        return self.table.select(list(columns)).take(self.order[a:b])
+
+    def ids(self, source: str) -> list[int]:
+        return [int(i) for i in self._take(source, ["id"]).column("id").to_pylist()]
+
+    def stats(self, source: str) -> set[tuple[int, int]]:
+        """The file stats ``source``'s rows were read with."""
+        if source not in self.slices:
+            return set()
+        table = self._take(source, ["size", "mtime_ns"])
+        pairs = table.group_by(["size", "mtime_ns"]).aggregate([])
+        return set(zip(pairs.column("size").to_pylist(), pairs.column("mtime_ns").to_pylist(), strict=True))
+
+    def rows(self, source: str) -> dict[int, tuple[int, int]]:
+        """``source``'s rows: row -> (id, digest of what it read)."""
+        if source not in self.slices:
+            return {}
+        table = self._take(source, ["id", "row", "text", "image", "metadata"])
+        out: dict[int, tuple[int, int]] = {}
+        for batch in table.to_batches(max_chunksize=65536):
+            columns = (batch.column(c).to_pylist() for c in ("id", "row", "text", "image", "metadata"))
+            for i, row, text, image, metadata in zip(*columns, strict=True):
+                out[row] = (i, _digest(text, image, metadata))
+        return out
+
+
+def _check_unchanged(path: Path, stats: list[int]) -> None:
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from e
+    if [info.st_size, info.st_mtime_ns] != stats:
+        raise InputError(f"{path} changed while it was being indexed: run the build again")
+
+
+def _metadata_text(metadata: dict[str, Any]) -> str:
+    return json.dumps(metadata, sort_keys=True, ensure_ascii=False, default=str)
 
 
 # -- ids and items -------------------------------------------------------------------------------
 
 
 def _items(
-    collection: str,
-    planned: Sequence[Input],
-    view: CollectionView,
-    size: int,
-    starts: Sequence[bool] | None = None,
+    collection: str, planned: Sequence[Input], view: CollectionView, size: int
 ) -> tuple[list[WorkItem], int, int]:
     """Give each planned input its id (reserved earlier, else the next free one) and cut items of
-    ``size`` inputs, only where ``starts`` allows (an item may grow past ``size`` to keep a unit whole)."""
+    ``size`` inputs."""
     reserved = dict(view.reserved)
     next_id = view.state.next_id
     ids, kept = [], 0
@@ -382,7 +590,7 @@ def _items(
         ids.append(reused)
     cuts = [0]
     for k in range(1, len(planned)):
-        if k - cuts[-1] >= size and (starts is None or starts[k]):
+        if k - cuts[-1] >= size:
             cuts.append(k)
     bounds = list(zip(cuts, [*cuts[1:], len(planned)], strict=True)) if planned else []
     items = [
@@ -398,5 +606,7 @@ def _plan_key(collection: str, entry: dict[str, Any]) -> tuple[Any, ...]:
     return (entry["source"], entry["row"], entry["digest"])
 
 
-def _digest(text: str, image: str | None, metadata: str) -> str:
-    return hashlib.sha256(json.dumps([text, image, metadata]).encode()).hexdigest()
+def _digest(text: str, image: str | None, metadata: str) -> int:
+    """A caption row's key: 64 bits of the sha256 of what it reads (text, image, metadata)."""
+    data = json.dumps([text, image, metadata]).encode()
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little", signed=True)

@@ -59,7 +59,7 @@ def index_build(
         ),
     ] = None,
     shard_rows: Annotated[
-        int, typer.Option("--shard-rows", help="Images per shard (captions: 4x); a crash redoes one shard.")
+        int, typer.Option("--shard-rows", help="Images per shard (captions: 16x); a crash redoes one shard.")
     ] = 4096,
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Start the index over (needed to change model).")
@@ -90,7 +90,7 @@ def index_build(
         rebuild=rebuild,
         replace_root=replace_root,
         image_shard_rows=shard_rows,
-        caption_shard_rows=4 * shard_rows,
+        caption_shard_rows=16 * shard_rows,
         index=IndexConfig(
             kind=index_type,  # type: ignore[arg-type]
             target_recall=target_recall,

@@ -38,6 +38,10 @@ LOG = "_delta_log"
 _STATE_KEY = "retrieval.state"
 _FILES_KEY = "retrieval.files"
 _LOOKBACK = 1000  # commits of other writers (maintenance) skipped to find the engine's counters
+# A checkpoint every 10 commits, not Delta's default 100: delta-rs reads every log entry since the
+# last checkpoint to bring a table up to date, so each commit of a long run would cost more until
+# the next checkpoint; a checkpoint lists the live files, which the engine keeps few and large.
+_PROPERTIES = {"delta.checkpointInterval": "10"}
 
 
 class Snapshot:
@@ -175,10 +179,14 @@ class DeltaCollection:
                     mode="error",
                     name=self.name,
                     description=json.dumps(description, sort_keys=True),
+                    configuration=_PROPERTIES,
                     commit_properties=properties,
                 )
             else:
-                self.newest().create_write_transaction(
+                # The writer holds the lock and brought the table up to date after its last
+                # commit; delta-rs still checks for commits of others (maintenance) as it writes.
+                table = self._newest if self._newest is not None else self.newest()
+                table.create_write_transaction(
                     actions, mode="append", schema=schema, commit_properties=properties
                 )
         except (DeltaError, ValueError) as e:
