@@ -85,9 +85,11 @@ def exact(store: FakeStore, vectors: np.ndarray, queries: np.ndarray, k: int = 1
 
 @pytest.mark.parametrize("n", [10_000_000, 100_000_000])
 def test_ivf_trains_on_100_vectors_a_list(n: int) -> None:
-    """The old fixed cap of 200,000 training vectors left 16 a list at 10M and 5 at 100M."""
+    """The old fixed cap of 200,000 training vectors left 16 a list at 10M and 5 at 100M. The list
+    count is about 4 sqrt(n), at most 4,096 (k-means and assignment cost n x lists)."""
     plan = plan_index("ivf", n, 256, Budget(1 << 50, "test"))
-    assert plan.nlist == int(4 * np.sqrt(n))
+    assert plan.nlist == min(4096, int(4 * np.sqrt(n))) == 4096
+    assert plan_index("ivf", 250_000, 256, Budget(1 << 50, "test")).nlist == 2000
     assert plan.train == 100 * plan.nlist
     assert f"({plan.train // plan.nlist} a list)" in (plan.reason or "")
 
@@ -136,7 +138,7 @@ def test_a_small_budget_makes_auto_choose_ivfpq_and_say_why(tmp_path: Path) -> N
     assert record is not None and record.kind == "ivfpq"
     assert f"over the memory budget of {sizing.size_text(budget)} (given by --memory-budget)" in record.reason
     assert "60,000 vectors x 32 take 7.7 MB uncompressed" in record.reason
-    assert "re-ranked on float16 vectors" in record.reason  # exact float32 ones would not fit
+    assert "re-ranked on the exact vectors read from a file of 8.2 MB" in record.reason
     assert record.recall_at_10 is not None and record.recall_at_10 >= 0.95
     found, _ = load_index(store, record).search(queries, 10)
     assert recall_at(found, exact(store, vectors, queries)) >= 0.95

@@ -25,7 +25,7 @@ from retrieval import (
     StoreError,
     build_index,
 )
-from retrieval.ann.faiss_index import IndexConfig, build_collection_index, load_index, recall_at
+from retrieval.ann.faiss_index import IndexConfig, build_collection_index, index_ids, load_index, recall_at
 from retrieval.store.folder import new_manifest
 from retrieval.store.manifest import CollectionState
 from retrieval.vectors import embedding_array, embedding_matrix
@@ -354,3 +354,30 @@ def test_recall_counts_ties_at_the_kth_score() -> None:
     assert recall_at(found, truth_ids, found_scores, truth_scores) == 1.0
     worse = np.array([[0.9, 0.5, 0.4]], dtype=np.float32)
     assert recall_at(found, truth_ids, worse, truth_scores) == pytest.approx(2 / 3)
+
+
+@pytest.mark.damages_stores
+def test_ivfpq_reranks_from_a_file_beside_it_and_refuses_that_file_damaged(tmp_path: Path) -> None:
+    vectors, queries = clustered(20_000, 32, seed=3), clustered(200, 32, seed=4)
+    ids = np.arange(len(vectors), dtype=np.int64) * 2 + 1
+    store = vector_store(tmp_path / "s", vectors, ids)
+    record = build_collection_index(store, "images", IndexConfig(kind="ivfpq"), queries, "captions")
+    assert record is not None and record.rerank is not None and record.refine is not None
+    # The index file holds the codes and ids (8 bytes of codes at d=32, 8 of id), not the vectors.
+    assert record.file.bytes < len(vectors) * (8 + 8 + 8)
+    assert record.rerank.bytes == len(vectors) * (8 + 4 * 32)
+    index = load_index(store, record)
+    assert index.rerank is not None and np.array_equal(np.asarray(index.rerank.ids), ids)
+    listed = index_ids(index.index)
+    assert listed is not None and np.array_equal(np.sort(listed), ids)
+    found, scores = index.search(queries, 10)
+    assert recall_at(found, exact(vectors, ids, queries, 10)) >= 0.95
+    position = {int(i): p for p, i in enumerate(ids)}
+    top = np.array([vectors[position[int(i)]] @ q for i, q in zip(found[:, 0], queries, strict=True)])
+    np.testing.assert_allclose(scores[:, 0], top, atol=1e-5)  # the stored vectors' cosines
+    path = store.folder / record.rerank.file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="does not match its sha256"):
+        load_index(store, record)

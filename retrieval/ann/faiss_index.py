@@ -56,6 +56,7 @@ __all__ = [
     "IndexKind",
     "IndexPlan",
     "IndexRecord",
+    "Rerank",
     "SearchIndex",
     "available_memory",
     "build_collection_index",
@@ -104,30 +105,28 @@ def _make(plan: IndexPlan) -> faiss.Index:
         return faiss.IndexIDMap(inner)
     if plan.kind == "ivf":
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, plan.nlist, ip)
-    pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, plan.nlist, pq_m(dim), plan.pq_bits, ip)
-    if plan.rerank == "flat":
-        return faiss.IndexIDMap(faiss.IndexRefineFlat(pq))
-    quantized = faiss.ScalarQuantizer.QT_fp16 if plan.rerank == "fp16" else faiss.ScalarQuantizer.QT_8bit
-    return faiss.IndexIDMap(faiss.IndexRefine(pq, faiss.IndexScalarQuantizer(dim, quantized, ip)))
+    # IVF-PQ keeps the row ids in its lists; its re-rank copy is a file beside it (``Rerank``).
+    return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, plan.nlist, pq_m(dim), plan.pq_bits, ip)
 
 
 Blocks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
+BlockSink = Callable[[np.ndarray, np.ndarray], None]
 
 
-def _add(index: faiss.Index, kind: str, blocks: Blocks, n: int) -> None:
+def _add(index: faiss.Index, kind: str, blocks: Blocks, n: int, sink: BlockSink | None = None) -> None:
     """Add every vector that ``blocks()`` yields, with its id, one block at a time."""
-    if kind == "ivf":
-        _add_ivf(index, blocks, n)
+    if kind in ("ivf", "ivfpq"):
+        _add_ivf(index, blocks, n, sink)
         return
     for ids, vectors in blocks():
         index.add_with_ids(vectors, ids)
 
 
-def _add_ivf(index: faiss.Index, blocks: Blocks, n: int) -> None:
-    """Add to an IVF-Flat in two passes over the blocks. The first assigns each vector to its list
+def _add_ivf(index: faiss.Index, blocks: Blocks, n: int, sink: BlockSink | None = None) -> None:
+    """Add to an IVF index in two passes over the blocks. The first assigns each vector to its list
     (4 bytes a vector kept); every list is then allocated once at its final size, sparing the ~40%
     that lists grown block by block hold in spare capacity. The second adds each block to the lists
-    already assigned, without assigning it again."""
+    already assigned, without assigning it again, and hands it to ``sink`` (IVF-PQ's re-rank file)."""
     ivf = faiss.extract_index_ivf(index)
     invlists = ivf.invlists
     assert invlists is not None  # a new IVF index owns its (empty) lists
@@ -154,7 +153,75 @@ def _add_ivf(index: faiss.Index, blocks: Blocks, n: int) -> None:
             faiss.swig_ptr(np.ascontiguousarray(ids, dtype=np.int64)),
             faiss.swig_ptr(assigned),
         )
+        if sink is not None:
+            sink(ids, vectors)
         start += len(ids)
+
+
+class Rerank:
+    """IVF-PQ's re-rank copy of the vectors: a file of the ids (int64, ascending, as the tables
+    hold them) then the float32 vectors, memory-mapped. The codes find ``k * refine`` candidates;
+    their vectors score them again exactly. On disk and not in memory, it costs a build nothing
+    beside the codes, and a search only the pages it reads."""
+
+    def __init__(self, path: Path, rows: int, dim: int) -> None:
+        expected = rows * (8 + 4 * dim)
+        size = path.stat().st_size
+        if size != expected:
+            raise StoreError(f"{path} has {size} bytes, {rows:,} vectors of {dim} need {expected}")
+        self.rows = rows
+        self.ids = np.memmap(path, dtype=np.int64, mode="r", offset=0, shape=(rows,))
+        self.vectors = np.memmap(path, dtype=np.float32, mode="r", offset=8 * rows, shape=(rows, dim))
+
+    def __call__(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``k`` of each query's ``candidates`` (ids, -1 for none), re-scored."""
+        out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+        out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        width = candidates.shape[1]
+        for start in range(0, len(queries), 256):
+            part = candidates[start : start + 256]
+            found = part >= 0
+            where = np.searchsorted(self.ids, np.where(found, part, 0)).clip(max=self.rows - 1)
+            found &= np.asarray(self.ids[where]) == part
+            vectors = np.asarray(self.vectors[where.ravel()], dtype=np.float32).reshape(*part.shape, -1)
+            scores = np.einsum("qcd,qd->qc", vectors, queries[start : start + 256])
+            scores[~found] = -np.inf
+            best = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, width)]
+            top = np.take_along_axis(scores, best, axis=1)
+            ids = np.where(np.isfinite(top), np.take_along_axis(part, best, axis=1), -1)
+            out_ids[start : start + 256, : best.shape[1]] = ids
+            out_scores[start : start + 256, : best.shape[1]] = top
+        return out_ids, out_scores
+
+
+class RerankWriter:
+    """Writes a ``Rerank`` file block by block with plain writes (no mapped pages held)."""
+
+    def __init__(self, path: Path, rows: int, dim: int) -> None:
+        self.rows, self.dim = rows, dim
+        self.handle = path.open("wb")
+        self.handle.truncate(rows * (8 + 4 * dim))
+        self.written = 0
+        self.last_id: int | None = None
+
+    def __call__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        if self.written + len(ids) > self.rows:
+            raise StoreError(f"more than the {self.rows:,} rows counted were read: the rows changed")
+        if (self.last_id is not None and ids[0] <= self.last_id) or np.any(np.diff(ids) <= 0):
+            raise StoreError("the live rows were not read in ascending id order")
+        self.handle.seek(8 * self.written)
+        self.handle.write(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+        self.handle.seek(8 * self.rows + 4 * self.dim * self.written)
+        self.handle.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+        self.written += len(ids)
+        self.last_id = int(ids[-1])
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.written != self.rows:
+            raise StoreError(f"{self.written:,} vectors read, {self.rows:,} counted: the rows changed")
 
 
 class _BatchedBlas:
@@ -192,13 +259,20 @@ class SearchIndex:
     """A loaded FAISS index with its tuned parameter; ``search`` takes an optional id allow-list."""
 
     def __init__(
-        self, index: faiss.Index, kind: str, param: str | None, value: int | None, refine: int | None = None
+        self,
+        index: faiss.Index,
+        kind: str,
+        param: str | None,
+        value: int | None,
+        refine: int | None = None,
+        rerank: Rerank | None = None,
     ) -> None:
         self.index = index
         self.kind = kind
         self.param = param
         self.value = value
         self.refine = refine
+        self.rerank = rerank  # IVF-PQ: the re-rank file (None: an index that re-ranks inside FAISS)
 
     def search(
         self, queries: np.ndarray, k: int, allow_ids: np.ndarray | None = None, value: int | None = None
@@ -206,6 +280,10 @@ class SearchIndex:
         """(n, D) float32 -> ids (n, k) int64 (-1 where fewer hits), scores (n, k) float32."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         params = self._params(allow_ids, self.value if value is None else value)
+        if self.rerank is not None:
+            with batched_blas():
+                _, candidates = self.index.search(queries, k * (self.refine or 1), params=params)
+            return self.rerank(queries, candidates.astype(np.int64, copy=False), k)
         with batched_blas():
             scores, ids = self.index.search(queries, k, params=params)
         return ids.astype(np.int64, copy=False), scores
@@ -214,7 +292,7 @@ class SearchIndex:
         selector = None
         if allow_ids is not None:
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(allow_ids, dtype=np.int64))
-        if self.kind == "ivf":
+        if self.kind == "ivf" or (self.kind == "ivfpq" and self.rerank is not None):
             return faiss.SearchParametersIVF(sel=selector, nprobe=value or 1)
         if self.kind == "hnsw":
             return faiss.SearchParametersHNSW(sel=selector, efSearch=value or 16)
@@ -292,15 +370,31 @@ def build_collection_index(
         config.kind, n, store_dim(store), resolve_budget(config.memory_budget), config.train_sample
     )
     kind, reason = plan.kind, plan.reason
+    # Named by the catalog write that will record them: a file a reader may hold is never rewritten.
+    stem = f"faiss/{collection}-{kind}-g{(store.manifest.generation if store.manifest else 0) + 1:06d}"
     index = _make(plan)
     if not index.is_trained:
         index.train(sample_vectors(store, collection, plan.train, rng))
-    _add(index, kind, lambda: live_vectors(store, collection), n)
+    rerank: Rerank | None = None
+    if kind == "ivfpq":
+        dim = store_dim(store)
+
+        def fill(tmp: Path) -> None:
+            writer = RerankWriter(tmp, n, dim)
+            try:
+                _add(index, kind, lambda: live_vectors(store, collection), n, writer)
+            finally:
+                writer.close()
+
+        atomic_write(store.folder / f"{stem}.rerank", fill)
+        rerank = Rerank(store.folder / f"{stem}.rerank", n, dim)
+    else:
+        _add(index, kind, lambda: live_vectors(store, collection), n)
     if index.ntotal != n:
         raise StoreError(f"{collection}: {index.ntotal:,} vectors read, {n:,} counted: the rows changed")
 
     param = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(kind)
-    search_index = SearchIndex(index, kind, param, None)
+    search_index = SearchIndex(index, kind, param, None, rerank=rerank)
     if queries is None or len(queries) == 0:
         queries, queries_from = sample_vectors(store, collection, config.tuning_queries, rng), "self"
     else:
@@ -318,10 +412,10 @@ def build_collection_index(
         search_index.value, search_index.refine = value, refine
     latency = _latency_ms(search_index, queries, k)
 
-    # Named by the catalog write that will record it: a file a reader may hold is never rewritten.
-    name = f"faiss/{collection}-{kind}-g{(store.manifest.generation if store.manifest else 0) + 1:06d}.faiss"
+    name = f"{stem}.faiss"
     atomic_write(store.folder / name, lambda tmp: faiss.write_index(index, str(tmp)))
     ref = store.file_ref(name, n)
+    rerank_ref = store.file_ref(f"{stem}.rerank", n) if rerank is not None else None
     seconds = round(time.perf_counter() - started, 3)
     return IndexRecord(
         ref,
@@ -336,6 +430,7 @@ def build_collection_index(
         seconds,
         reason=reason,
         requested=config.kind,
+        rerank=rerank_ref,
     )
 
 
@@ -348,9 +443,9 @@ def index_ids(index: faiss.Index) -> np.ndarray | None:
     if ivf is None or lists is None:
         return None
     parts = [
-        faiss.rev_swig_ptr(lists.get_ids(i), lists.listsize_text(i)).copy()
+        faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
         for i in range(ivf.nlist)
-        if lists.listsize_text(i)
+        if lists.list_size(i)
     ]
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
 
@@ -366,4 +461,8 @@ def load_index(store: Store, record: IndexRecord) -> SearchIndex:
         raise StoreError(f"{path}: unreadable FAISS index: {str(e).splitlines()[0]}") from e
     if index.ntotal != record.rows:
         raise StoreError(f"{path} holds {index.ntotal} vectors, the catalog says {record.rows}")
-    return SearchIndex(index, record.kind, record.param, record.value, record.refine)
+    rerank = None
+    if record.rerank is not None:
+        store.verify(record.rerank)
+        rerank = Rerank(store.folder / record.rerank.file, record.rows, index.d)
+    return SearchIndex(index, record.kind, record.param, record.value, record.refine, rerank)

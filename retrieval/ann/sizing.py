@@ -1,9 +1,10 @@
 """How big an index will be, and what fits: ``plan_index``, a pure function of the row count, the
 dimension and the memory budget, picks the kind (``auto`` keeps exact search up to 50,000 vectors,
-then IVF-Flat while it fits the budget, else IVF-PQ re-ranked on the most exact copy of the vectors
-that fits), IVF's list count and training sample (100 vectors a list, never fewer than FAISS's 39:
-fewer lists when the budget cannot hold that many), and the reason ``index info`` shows. The
-default budget is half the memory available when the build starts (``resolve_budget``).
+then IVF-Flat while it fits the budget, else IVF-PQ, whose re-rank copy of the vectors is a file on
+disk and not memory), IVF's list count (about 4 sqrt(n), at most 4,096) and training sample (100
+vectors a list, never fewer than FAISS's 39: fewer lists when the budget cannot hold that many), and
+the reason ``index info`` shows. The default budget is half the memory available when the build
+starts (``resolve_budget``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from retrieval.errors import ConfigError
 __all__ = [
     "BLOCK",
     "KINDS",
-    "RERANKS",
     "Budget",
     "IndexPlan",
     "available_memory",
@@ -36,15 +36,12 @@ _TRAIN_PER_LIST = 100  # IVF training points aimed for a list: k-means is stable
 _MIN_PQ_BITS = 4  # below 16 centroids per sub-quantizer, product quantization is not worth it
 _AUTO_EXACT_MAX = 50_000  # below this, exact search is fast enough that approximation buys nothing
 _BUDGET_SHARE = 0.5  # the default budget: this share of the memory available when a build starts
-_LIST_GROWTH = 1.4  # lists grown block by block hold about 40% spare capacity (measured: 1.37)
+# k-means and the assignment of every vector cost n x lists: with lists growing as sqrt(n) a build
+# would cost n^1.5. Past this many lists (4 sqrt(n) reaches it at about 1M vectors) the lists grow
+# longer instead, and the search scans more of them (nprobe is tuned to the target recall).
+_MAX_LISTS = 4096
 HNSW_LINKS = 32
 BLOCK = 65_536  # vectors read, added or searched at a time
-# IVF-PQ's copy of the vectors for the re-rank, most exact first: bytes a dimension, and what it is.
-RERANKS = {
-    "flat": (4, "exact float32 vectors"),
-    "fp16": (2, "float16 vectors"),
-    "sq8": (1, "8-bit scalar-quantized vectors"),
-}
 _MEMINFO = Path("/proc/meminfo")
 
 
@@ -101,7 +98,6 @@ class IndexPlan:
     nlist: int = 0  # IVF lists
     train: int = 0  # IVF training vectors
     pq_bits: int = 0  # IVF-PQ: bits a sub-quantizer code
-    rerank: str | None = None  # IVF-PQ: the copy of the vectors re-ranked, a key of RERANKS
     peak_bytes: int = 0  # the build's peak: index or training sample, plus blocks being read
     reason: str | None = None  # shown by `index info`
 
@@ -135,24 +131,23 @@ def plan_index(kind: str, n: int, dim: int, budget: Budget, train_sample: int | 
         why = f"ivfpq needs at least {needed:,} vectors to train its quantizers, {n:,} here"
         return _sized(IndexPlan("flat", n, dim, reason=why))
     bits = max(_pq_bits(train), _MIN_PQ_BITS)  # fewer bits than the collection allows: a tight budget
-    plans = [_sized(IndexPlan("ivfpq", n, dim, nlist, train, bits, rerank)) for rerank in RERANKS]
-    fitting = [p for p in plans if budget.fits(p.peak_bytes)]
-    if not fitting and kind == "auto":
+    plan = _sized(IndexPlan("ivfpq", n, dim, nlist, train, bits))
+    if not budget.fits(plan.peak_bytes) and kind == "auto":
         raise ConfigError(
-            f"{n:,} vectors x {dim} need about {size_text(plans[-1].peak_bytes)} even as IVF-PQ "
-            f"re-ranked on 8-bit vectors, over {budget}; give a larger --memory-budget"
+            f"{n:,} vectors x {dim} need about {size_text(plan.peak_bytes)} even as IVF-PQ, "
+            f"over {budget}; give a larger --memory-budget"
         )
-    plan = (fitting or plans[-1:])[0]
-    asked = "" if fitting else " (over the budget: built as asked)"
+    asked = "" if budget.fits(plan.peak_bytes) else " (over the budget: built as asked)"
     what = (
-        f"IVF-PQ with {_code_bytes(dim, bits)}-byte codes re-ranked on {RERANKS[plan.rerank or 'flat'][1]}"
-        f" (about {size_text(plan.peak_bytes)}){asked}"
+        f"IVF-PQ with {_code_bytes(dim, bits)}-byte codes (about {size_text(plan.peak_bytes)}){asked}, "
+        f"re-ranked on the exact vectors read from a file of {size_text(n * (8 + 4 * dim))}"
     )
     return replace(plan, reason=f"{head}: {what}, {lists}")
 
 
 def _list_count(n: int) -> int:
-    return int(max(1, 4 * np.sqrt(n)))  # about 4 sqrt(n) lists: a list scan costs about a probe's
+    # About 4 sqrt(n) lists: a list scan costs about a probe's; at most _MAX_LISTS.
+    return int(min(_MAX_LISTS, max(1, 4 * np.sqrt(n))))
 
 
 def _lists(n: int, dim: int, budget: Budget, train_sample: int | None) -> tuple[int, int]:
@@ -195,8 +190,8 @@ def _sized(plan: IndexPlan) -> IndexPlan:
 
     Per vector: flat, its float32 copy and its id; HNSW, also its links (2 x 32 on the bottom level,
     a few above); IVF-Flat, its list entry (lists allocated at their final size) and its list number
-    from the first pass; IVF-PQ, its code and id in a list grown block by block, an id in the outer
-    map and the re-rank copy. IVF also holds its centroids, IVF-PQ its sub-quantizers.
+    from the first pass; IVF-PQ, its code and id in the same way (its re-rank copy is written to a
+    file as it is built, not held). IVF also holds its centroids, IVF-PQ its sub-quantizers.
     """
     n, dim = plan.rows, plan.dim
     if plan.kind == "flat":
@@ -206,9 +201,7 @@ def _sized(plan: IndexPlan) -> IndexPlan:
     elif plan.kind == "ivf":
         per = 4 * dim + 8 + 4.0
     else:
-        per = (
-            (_code_bytes(dim, plan.pq_bits) + 8) * _LIST_GROWTH + 8 + RERANKS[plan.rerank or "flat"][0] * dim
-        )
+        per = _code_bytes(dim, plan.pq_bits) + 8 + 4.0
     fixed = plan.nlist * dim * 4 + (dim * 2**plan.pq_bits * 4 if plan.kind == "ivfpq" else 0)
     peak = max(int(n * per) + fixed, _train_bytes(plan.train, dim)) + _blocks_bytes(n, dim)
     return replace(plan, peak_bytes=peak)

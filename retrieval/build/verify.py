@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from retrieval.ann.faiss_index import index_ids
+from retrieval.ann.faiss_index import Rerank, index_ids
 from retrieval.durable import TMP_MARKER
 from retrieval.errors import StoreError
 from retrieval.model.fingerprint import ModelFingerprint
@@ -320,7 +320,25 @@ def _check_index(
             f"{name}: its ids differ from the live rows ({len(missing)} live rows missing, "
             f"{len(extra)} ids not live, {len(ids) - len(np.unique(ids))} repeated)"
         )
+    if record.rerank is not None:
+        _check_rerank(store, record, live, dim, report)
     return record.kind
+
+
+def _check_rerank(
+    store: Store, record: IndexRecord, live: np.ndarray, dim: int, report: VerifyReport
+) -> None:
+    """IVF-PQ's re-rank file: its sha256, its size, and the live ids in order."""
+    assert record.rerank is not None
+    name = record.rerank.file
+    try:
+        store.verify(record.rerank)
+        rerank = Rerank(store.folder / name, record.rows, dim)
+    except StoreError as e:
+        report.problems.append(str(e).replace(f"{store.folder}/", ""))
+        return
+    if not np.array_equal(np.asarray(rerank.ids), live):
+        report.problems.append(f"{name}: its ids are not the live rows in ascending order")
 
 
 def _note_leftovers(store: Store, report: VerifyReport) -> None:

@@ -77,6 +77,11 @@ class IndexRecord:
     requested: str = "auto"  # the kind asked for
     version: int | None = None  # the table version it was built from
     rows_version: int | None = None
+    rerank: FileRef | None = None  # IVF-PQ: the re-rank copy of its vectors, a file beside it
+
+    @property
+    def files(self) -> tuple[FileRef, ...]:
+        return (self.file,) if self.rerank is None else (self.file, self.rerank)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,7 +90,8 @@ class IndexRecord:
     def from_dict(cls, data: dict[str, Any]) -> IndexRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
-        return cls(**known | {"file": FileRef(**data["file"])})
+        rerank = FileRef(**data["rerank"]) if data.get("rerank") else None
+        return cls(**known | {"file": FileRef(**data["file"]), "rerank": rerank})
 
 
 @dataclass(frozen=True)
@@ -225,7 +231,7 @@ class Catalog:
     def files(self) -> set[str]:
         """The FAISS files this catalog names (a rebuild's included)."""
         records = list(self.indexes.values()) + (list(self.rebuild[1].values()) if self.rebuild else [])
-        return {r.file.file for r in records}
+        return {f.file for r in records for f in r.files}
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
