@@ -24,6 +24,7 @@ cosine similarities.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +75,7 @@ _HNSW_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 # IVF-PQ re-ranks k * factor candidates; the factor is tuned with nprobe.
 _REFINE_FACTORS = (4, 16, 64)
 _TIE_DEPTH = 10  # exact neighbours kept past k, so that a found one tied with the k-th counts
+_RERANK_QUERIES = 64  # queries re-ranked at a time (a build unmaps their pages after each group)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ def _make(plan: IndexPlan) -> faiss.Index:
     if plan.kind == "ivf":
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, plan.nlist, ip)
     # IVF-PQ keeps the row ids in its lists; its re-rank copy is a file beside it (``Rerank``).
-    return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, plan.nlist, pq_m(dim), plan.pq_bits, ip)
+    quantizer = faiss.IndexFlatIP(dim)
+    return faiss.IndexIVFPQFastScan(quantizer, dim, plan.nlist, pq_m(dim), plan.pq_bits, ip)
 
 
 Blocks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
@@ -114,19 +117,22 @@ BlockSink = Callable[[np.ndarray, np.ndarray], None]
 
 
 def _add(index: faiss.Index, kind: str, blocks: Blocks, n: int, sink: BlockSink | None = None) -> None:
-    """Add every vector that ``blocks()`` yields, with its id, one block at a time."""
-    if kind in ("ivf", "ivfpq"):
-        _add_ivf(index, blocks, n, sink)
+    """Add every vector that ``blocks()`` yields, with its id, one block at a time (and hand each
+    block to ``sink``: IVF-PQ's re-rank file)."""
+    if kind == "ivf":
+        _add_ivf(index, blocks, n)
         return
     for ids, vectors in blocks():
         index.add_with_ids(vectors, ids)
+        if sink is not None:
+            sink(ids, vectors)
 
 
-def _add_ivf(index: faiss.Index, blocks: Blocks, n: int, sink: BlockSink | None = None) -> None:
-    """Add to an IVF index in two passes over the blocks. The first assigns each vector to its list
+def _add_ivf(index: faiss.Index, blocks: Blocks, n: int) -> None:
+    """Add to an IVF-Flat in two passes over the blocks. The first assigns each vector to its list
     (4 bytes a vector kept); every list is then allocated once at its final size, sparing the ~40%
     that lists grown block by block hold in spare capacity. The second adds each block to the lists
-    already assigned, without assigning it again, and hands it to ``sink`` (IVF-PQ's re-rank file)."""
+    already assigned, without assigning it again."""
     ivf = faiss.extract_index_ivf(index)
     invlists = ivf.invlists
     assert invlists is not None  # a new IVF index owns its (empty) lists
@@ -153,8 +159,6 @@ def _add_ivf(index: faiss.Index, blocks: Blocks, n: int, sink: BlockSink | None 
             faiss.swig_ptr(np.ascontiguousarray(ids, dtype=np.int64)),
             faiss.swig_ptr(assigned),
         )
-        if sink is not None:
-            sink(ids, vectors)
         start += len(ids)
 
 
@@ -164,34 +168,47 @@ class Rerank:
     their vectors score them again exactly. On disk and not in memory, it costs a build nothing
     beside the codes, and a search only the pages it reads."""
 
-    def __init__(self, path: Path, rows: int, dim: int) -> None:
+    def __init__(self, path: Path, rows: int, dim: int, release: bool = False) -> None:
         expected = rows * (8 + 4 * dim)
         size = path.stat().st_size
         if size != expected:
             raise StoreError(f"{path} has {size} bytes, {rows:,} vectors of {dim} need {expected}")
         self.rows = rows
+        self.release = release  # unmap the pages read after each group of queries (a build's tuning)
         self.ids = np.memmap(path, dtype=np.int64, mode="r", offset=0, shape=(rows,))
         self.vectors = np.memmap(path, dtype=np.float32, mode="r", offset=8 * rows, shape=(rows, dim))
 
     def __call__(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The best ``k`` of each query's ``candidates`` (ids, -1 for none), re-scored."""
+        """The best ``k`` of each query's ``candidates`` (ids, -1 for none), scored again."""
         out_ids = np.full((len(queries), k), -1, dtype=np.int64)
         out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        width = candidates.shape[1]
-        for start in range(0, len(queries), 256):
-            part = candidates[start : start + 256]
+        width = min(k, candidates.shape[1])
+        for start in range(0, len(queries), _RERANK_QUERIES):
+            part = candidates[start : start + _RERANK_QUERIES]
             found = part >= 0
             where = np.searchsorted(self.ids, np.where(found, part, 0)).clip(max=self.rows - 1)
             found &= np.asarray(self.ids[where]) == part
-            vectors = np.asarray(self.vectors[where.ravel()], dtype=np.float32).reshape(*part.shape, -1)
-            scores = np.einsum("qcd,qd->qc", vectors, queries[start : start + 256])
+            vectors = np.asarray(self.vectors[where.ravel()]).reshape(*part.shape, -1)
+            if self.release:
+                self._release()
+            scores = np.einsum("qcd,qd->qc", vectors, queries[start : start + _RERANK_QUERIES])
             scores[~found] = -np.inf
-            best = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, width)]
+            best = np.argsort(-scores, axis=1, kind="stable")[:, :width]
             top = np.take_along_axis(scores, best, axis=1)
-            ids = np.where(np.isfinite(top), np.take_along_axis(part, best, axis=1), -1)
-            out_ids[start : start + 256, : best.shape[1]] = ids
-            out_scores[start : start + 256, : best.shape[1]] = top
+            out_ids[start : start + len(part), :width] = np.where(
+                np.isfinite(top), np.take_along_axis(part, best, axis=1), -1
+            )
+            out_scores[start : start + len(part), :width] = top
         return out_ids, out_scores
+
+    def _release(self) -> None:
+        """Unmap the pages just read: they stay in the page cache, but not in this process's
+        resident memory, which would otherwise grow towards the whole file. A build tunes on a
+        thousand queries and must stay within its budget; a searcher keeps its pages mapped."""
+        for array in (self.ids, self.vectors):
+            mapped = getattr(array, "_mmap", None)
+            if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
 
 class RerankWriter:
@@ -387,7 +404,7 @@ def build_collection_index(
                 writer.close()
 
         atomic_write(store.folder / f"{stem}.rerank", fill)
-        rerank = Rerank(store.folder / f"{stem}.rerank", n, dim)
+        rerank = Rerank(store.folder / f"{stem}.rerank", n, dim, release=True)
     else:
         _add(index, kind, lambda: live_vectors(store, collection), n)
     if index.ntotal != n:

@@ -217,25 +217,32 @@ class LocalExecutor:
         progress: Progress,
         stop: threading.Event | None,
     ) -> Iterator[ItemResult]:
-        # The bar moves every few model batches, not once an item (65,536 captions by default).
+        # The bar moves every few model batches, not once an item (65,536 captions by default);
+        # tokens are made a chunk ahead while the model runs, and held for two chunks only.
         step = self.encoder.text_batch_size * 4
         for item in items:
             inputs = [x for x in item.inputs if isinstance(x, CaptionInput)]
             hashes = [x.sha256 for x in inputs]
             todo = [k for k, h in enumerate(hashes) if h not in stored]
-            token_ids, truncated = self.encoder.text_batcher.tokenize_flagged([x.record.text for x in inputs])
             ready: dict[int, np.ndarray] = {k: stored.get(h) for k, h in enumerate(hashes) if h in stored}
+            truncated = np.zeros(len(inputs), dtype=bool)
+            if ready:
+                reused = sorted(ready)
+                _, flags = self.encoder.text_batcher.tokenize_flagged([inputs[k].record.text for k in reused])
+                truncated[reused] = flags
             progress.advance(len(ready))
             stopped = False
-            for offset in range(0, len(todo), step):
-                if stop is not None and stop.is_set():
-                    stopped = True
+            chunks = self.encoder.encode_text_chunks([inputs[k].record.text for k in todo], step)
+            while not (stopped := stop is not None and stop.is_set()):
+                chunk = next(chunks, None)
+                if chunk is None:
                     break
-                part = todo[offset : offset + step]
-                ready.update(
-                    zip(part, self.encoder.encode_text_ids([token_ids[k] for k in part]), strict=True)
-                )
+                offset, vectors, flags = chunk
+                part = todo[offset : offset + len(vectors)]
+                ready.update(zip(part, vectors, strict=True))
+                truncated[part] = flags
                 progress.advance(len(part))
+            chunks.close()
             result = ItemResult(item, complete=not stopped)
             fresh = set(todo)
             for k in sorted(ready):

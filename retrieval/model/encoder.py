@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -142,15 +142,28 @@ class Encoder:
         """
         size = _positive(batch_size, self.text_batch_size, "batch size")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-
-        def tokenize(start: int, stop: int) -> Callable[[], list[list[int]]]:
-            return self._executor().submit(self.text_batcher.tokenize, texts[start:stop]).result
-
-        with self._inference():
-            for start, ids in _ahead(len(texts), size * _TEXT_CHUNK_BATCHES, tokenize):
-                for batch in self.text_batcher.batches_from_ids(ids, size):
-                    out[start + batch.positions] = self._to_numpy(self.model.encode_text(batch.inputs()))
+        for start, vectors, _ in self.encode_text_chunks(texts, size * _TEXT_CHUNK_BATCHES, size):
+            out[start : start + len(vectors)] = vectors
         return out
+
+    def encode_text_chunks(
+        self, texts: Sequence[str], chunk: int, batch_size: int | None = None
+    ) -> Generator[tuple[int, np.ndarray, np.ndarray], None, None]:
+        """``(offset, vectors, truncated)`` for each ``chunk`` of ``texts`` in turn; the next chunk
+        is tokenized in a worker thread while the model encodes this one (the tokenizer releases
+        the GIL, so both cores work), and only two chunks' tokens are held at a time."""
+        size = _positive(batch_size, self.text_batch_size, "batch size")
+        chunk = _positive(chunk, size, "chunk")
+
+        def tokenize(start: int, stop: int) -> Callable[[], tuple[list[list[int]], np.ndarray]]:
+            return self._executor().submit(self.text_batcher.tokenize_flagged, texts[start:stop]).result
+
+        for start, (ids, truncated) in _ahead(len(texts), chunk, tokenize):
+            out = np.empty((len(ids), self.dim), dtype=np.float32)
+            with self._inference():
+                for batch in self.text_batcher.batches_from_ids(ids, size):
+                    out[batch.positions] = self._to_numpy(self.model.encode_text(batch.inputs()))
+            yield start, out, truncated
 
     def encode_text_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None) -> np.ndarray:
         """Token ids as ``text_batcher.tokenize`` makes them -> float32 (n, D), in input order."""
