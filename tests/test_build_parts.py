@@ -233,6 +233,36 @@ def test_a_caption_file_changed_after_planning_is_refused_not_misread(tmp_path: 
         list(plan.items)
 
 
+def test_planning_reads_the_text_of_changed_sources_only_and_in_one_pass(tmp_path: Path) -> None:
+    one, two = tmp_path / "one.txt", tmp_path / "two.txt"
+    one.write_text("a\nb\n")
+    two.write_text("c\nd\n")
+    stats = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in (one, two)}
+    columns = {"id": [0, 1, 2, 3], "source": [str(one)] * 2 + [str(two)] * 2, "row": [0, 1, 0, 1]}
+    columns |= {"size": [stats[str(one)][0]] * 2 + [stats[str(two)][0]] * 2}
+    columns |= {"mtime_ns": [stats[str(one)][1]] * 2 + [stats[str(two)][1]] * 2}
+    rows = pa.table(columns)  # no text: what the rows read comes from ``content`` when needed
+    asked: list[set[str]] = []
+
+    def content(sources: set[str]) -> pa.Table:
+        asked.append(set(sources))
+        table = rows.append_column("text", pa.array(["a", "b", "c", "d"]))
+        table = table.append_column("image", pa.array([None] * 4, pa.string()))
+        return table.append_column("metadata", pa.array(["{}"] * 4)).select(
+            ["id", "source", "row", "text", "image", "metadata"]
+        )
+
+    state = CollectionState(next_id=4, sources=stats)
+    view = CollectionView(state, rows, [], {}, content)
+    files = [(str(p), p, None) for p in (one, two)]
+    plan = plan_captions(files, view, item_size=10, keep_sidecars=True, keep_files=False)
+    assert asked == [] and len(plan.items) == 0 and plan.deleted == []  # unchanged: no text read
+    two.write_text("c\nD\n")
+    plan = plan_captions(files, view, item_size=10, keep_sidecars=True, keep_files=False)
+    assert asked == [{str(two)}]  # one pass, for the changed file only
+    assert plan.deleted == [3] and [x.record.text for x in plan.items[0].inputs] == ["D"]
+
+
 def result_for(item: WorkItem, failing: str = "007.png") -> ItemResult:
     """What an executor would return for an image item: a row per input (``failing`` fails)."""
     result = ItemResult(item, complete=True)

@@ -54,8 +54,9 @@ __all__ = [
 
 _VIEW_COLUMNS = {
     "images": ["id", "path", "sha256", "size", "mtime_ns"],
-    "captions": ["id", "source", "row", "text", "image", "metadata", "size", "mtime_ns"],
+    "captions": ["id", "source", "row", "size", "mtime_ns"],
 }
+_CAPTION_CONTENT = ["id", "source", "row", "text", "image", "metadata"]  # read for changed sources
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,9 @@ class CollectionView:
     rows: pa.Table  # live rows, the planner's columns
     outcomes: list[Outcome]
     reserved: dict[tuple[Any, ...], int]  # inputs an earlier plan gave ids that no shard holds yet
+    # Captions: the rows of the given sources with what they read (``_CAPTION_CONTENT``), read
+    # when the planner compares them; None: ``rows`` holds those columns itself.
+    content: Callable[[set[str]], pa.Table] | None = None
 
 
 @dataclass
@@ -164,7 +168,17 @@ def read_view(store: Store, collection: str) -> CollectionView:
         keep = ~np.isin(planned.column("id").to_numpy(), used)
         for entry in planned.filter(pa.array(keep)).to_pylist():
             reserved[_plan_key(collection, entry)] = int(entry["id"])
-    return CollectionView(state, rows, store.outcomes(collection), reserved)
+
+    def content(sources: set[str]) -> pa.Table:
+        wanted = pa.array(sorted(sources), pa.string())
+        parts = [
+            t.select(_CAPTION_CONTENT).filter(pc.is_in(t.column("source"), value_set=wanted))
+            for _, t in store.live_rows(collection, _CAPTION_CONTENT)
+        ]
+        return pa.concat_tables(parts) if parts else pa.table({c: [] for c in _CAPTION_CONTENT})
+
+    reader = content if collection == "captions" else None
+    return CollectionView(state, rows, store.outcomes(collection), reserved, reader)
 
 
 def plan_table(plan: CollectionPlan) -> pa.Table:
@@ -279,7 +293,7 @@ def plan_captions(
     (``CaptionItems``): its items read their rows again when the executor takes them.
     """
     state = view.state
-    indexed = _IndexedCaptions(view.rows)
+    indexed = _IndexedCaptions(view.rows, view.content)
     outcomes_of: dict[str, list[Outcome]] = {}
     for o in view.outcomes:
         outcomes_of.setdefault(o.parent or o.source, []).append(o)
@@ -293,20 +307,32 @@ def plan_captions(
     # (``sources``). A sidecar's rows always share an item, so its rows' stats say it is done.
     done = {k: v for k, v in state.sources.items() if k in files}
     waiting_stats: dict[str, list[int]] = {}
+    checked: dict[str, list[int] | OSError] = {}
+    finished: set[str] = set()
     for source, path, image in sources:
-        present.add(source)
         try:
             info = path.stat()
         except OSError as e:
-            why = f"cannot read: {e.strerror or e}"
+            checked[source] = e
+            continue
+        stats = checked[source] = [info.st_size, info.st_mtime_ns]
+        seen = indexed.stats(source) | {(o.size, o.mtime_ns) for o in outcomes_of.get(source, [])}
+        if (done.get(source) == stats) if image is None else (seen == {(stats[0], stats[1])}):
+            finished.add(source)
+    # What the rows of the sources to read again hold, in one pass over the table: an unchanged
+    # corpus reads no text at all.
+    indexed.prepare({source for source, stats in checked.items() if source not in finished})
+    for source, path, image in sources:
+        present.add(source)
+        stats_or_error = checked[source]
+        if isinstance(stats_or_error, OSError):
+            why = f"cannot read: {stats_or_error.strerror or stats_or_error}"
             outcomes.append(Outcome(source, "failed", "read", why, Reason.UNREADABLE, parent=source))
             stale.extend(indexed.ids(source))
             done.pop(source, None)
             continue
-        stats = [info.st_size, info.st_mtime_ns]
-        seen = indexed.stats(source) | {(o.size, o.mtime_ns) for o in outcomes_of.get(source, [])}
-        finished = done.get(source) == stats if image is None else seen == {(stats[0], stats[1])}
-        if finished:
+        stats = stats_or_error
+        if source in finished:
             outcomes.extend(outcomes_of.get(source, []))
             continue
         done.pop(source, None)
@@ -422,7 +448,7 @@ class CaptionItems(Sequence[WorkItem]):
         """The items that hold rows of ``source``."""
         index = next(k for k, s in enumerate(self.sources) if s[0] == source)
         positions = np.flatnonzero(self.source_of == index)
-        return set(np.searchsorted(self.cuts, positions, side="right").astype(int) - 1)
+        return {int(n) for n in np.unique(np.searchsorted(self.cuts, positions, side="right") - 1)}
 
     def table(self) -> pa.Table:
         """Each planned row with its id: what the store keeps while the plan is in progress."""
@@ -514,20 +540,20 @@ class _CaptionPlanning:
 
 class _IndexedCaptions:
     """The live caption rows grouped by source, without a Python object per row until a source's
-    rows are compared (``rows``), one source at a time."""
+    rows are compared (``rows``), one source at a time. ``rows`` holds ids, sources, rows and file
+    stats; what the rows read (text, image, metadata) comes from ``content`` for the sources
+    ``prepare`` names (or from ``rows`` itself when it has those columns)."""
 
-    def __init__(self, rows: pa.Table) -> None:
-        self.table = rows
-        order = pc.sort_indices(rows, sort_keys=[("source", "ascending"), ("row", "ascending")])
-        self.order = order
-        names = rows.column("source").take(order)
-        self.slices: dict[str, tuple[int, int]] = {}
-        if len(names):
-            values = names.to_numpy(zero_copy_only=False)
-            starts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist()]
-            ends = [*starts[1:], len(values)]
-            self.slices = {str(values[a]): (a, b) for a, b in zip(starts, ends, strict=True)}
+    def __init__(self, rows: pa.Table, content: Callable[[set[str]], pa.Table] | None = None) -> None:
+        self.table, self.order, self.slices = _grouped(rows)
         self.sources = set(self.slices)
+        self.content = content
+        self.read: tuple[pa.Table, pa.Array, dict[str, tuple[int, int]]] | None = None
+
+    def prepare(self, sources: set[str]) -> None:
+        wanted = sources & self.sources
+        if self.content is not None and wanted:
+            self.read = _grouped(self.content(wanted))
 
     def _take(self, source: str, columns: Sequence[str]) -> pa.Table:
         a, b = self.slices.get(source, (0, 0))
@@ -546,15 +572,31 @@ class _IndexedCaptions:
 
     def rows(self, source: str) -> dict[int, tuple[int, int]]:
         """``source``'s rows: row -> (id, digest of what it read)."""
-        if source not in self.slices:
+        table, order, slices = self.read if self.read is not None else (self.table, self.order, self.slices)
+        if source not in slices:
             return {}
-        table = self._take(source, ["id", "row", "text", "image", "metadata"])
+        a, b = slices[source]
+        columns = ("id", "row", "text", "image", "metadata")
+        part = table.select(list(columns)).take(order[a:b])
         out: dict[int, tuple[int, int]] = {}
-        for batch in table.to_batches(max_chunksize=65536):
-            columns = (batch.column(c).to_pylist() for c in ("id", "row", "text", "image", "metadata"))
-            for i, row, text, image, metadata in zip(*columns, strict=True):
+        for batch in part.to_batches(max_chunksize=65536):
+            values = (batch.column(c).to_pylist() for c in columns)
+            for i, row, text, image, metadata in zip(*values, strict=True):
                 out[row] = (i, _digest(text, image, metadata))
         return out
+
+
+def _grouped(rows: pa.Table) -> tuple[pa.Table, pa.Array, dict[str, tuple[int, int]]]:
+    """``rows``, the order that sorts them by (source, row), and each source's slice of it."""
+    order = pc.sort_indices(rows, sort_keys=[("source", "ascending"), ("row", "ascending")])
+    names = rows.column("source").take(order)
+    slices: dict[str, tuple[int, int]] = {}
+    if len(names):
+        values = names.to_numpy(zero_copy_only=False)
+        starts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist()]
+        ends = [*starts[1:], len(values)]
+        slices = {str(values[a]): (a, b) for a, b in zip(starts, ends, strict=True)}
+    return rows, order, slices
 
 
 def _check_unchanged(path: Path, stats: list[int]) -> None:
