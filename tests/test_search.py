@@ -107,13 +107,16 @@ def test_allow_list_is_applied_inside_faiss(data: tuple, kind: str) -> None:
         assert recall_at(found, truth) >= (1.0 if kind in ("flat", "ivf") else 0.9)
 
 
+def flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_altered_index_file_is_refused(data: tuple, tmp_path: Path) -> None:
     store, _, _, queries = data
     record = build_collection_index(store, "images", IndexConfig(kind="flat"), queries, "captions")
-    path = store.folder / record.file.file
-    data_bytes = bytearray(path.read_bytes())
-    data_bytes[len(data_bytes) // 2] ^= 0xFF
-    path.write_bytes(bytes(data_bytes))
+    flip_middle_byte(store.folder / record.file.file)
     with pytest.raises(StoreError, match="does not match its sha256"):
         load_index(store, record)
 
@@ -375,9 +378,6 @@ def test_ivfpq_reranks_from_a_file_beside_it_and_refuses_that_file_damaged(tmp_p
     position = {int(i): p for p, i in enumerate(ids)}
     top = np.array([vectors[position[int(i)]] @ q for i, q in zip(found[:, 0], queries, strict=True)])
     np.testing.assert_allclose(scores[:, 0], top, atol=1e-5)  # the stored vectors' cosines
-    path = store.folder / record.rerank.file
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    flip_middle_byte(store.folder / record.rerank.file)
     with pytest.raises(StoreError, match="does not match its sha256"):
         load_index(store, record)

@@ -13,20 +13,26 @@ was never interrupted.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retrieval.errors import InputError
+from retrieval.build.caption_items import CaptionItems, CaptionPlanning, IndexedCaptions
+from retrieval.build.items import (
+    CaptionInput,
+    CollectionView,
+    ImageInput,
+    Input,
+    Reader,
+    WorkItem,
+    metadata_text,
+    row_digest,
+)
 from retrieval.ingest.sources import (
     CaptionRecord,
     ImageFile,
@@ -36,7 +42,6 @@ from retrieval.ingest.sources import (
 )
 from retrieval.outcomes import Outcome, Reason
 from retrieval.store.folder import Store
-from retrieval.store.manifest import CollectionState
 
 __all__ = [
     "CaptionInput",
@@ -57,68 +62,6 @@ _VIEW_COLUMNS = {
     "captions": ["id", "source", "row", "size", "mtime_ns"],
 }
 _CAPTION_CONTENT = ["id", "source", "row", "text", "image", "metadata"]  # read for changed sources
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """An image file to decode and encode."""
-
-    path: str  # relative to the root
-    size: int
-    mtime_ns: int
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        return (self.path, self.size, self.mtime_ns)
-
-
-@dataclass(frozen=True)
-class CaptionInput:
-    """A caption to encode: the record as read, its metadata as stored, its source's stats."""
-
-    record: CaptionRecord
-    metadata: str  # JSON, keys sorted
-    size: int
-    mtime_ns: int
-
-    @property
-    def sha256(self) -> str:
-        """Of the text alone: identical captions share a vector."""
-        return hashlib.sha256(self.record.text.encode()).hexdigest()
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        return (
-            self.record.source,
-            self.record.row,
-            _digest(self.record.text, self.record.image, self.metadata),
-        )
-
-
-Input = ImageInput | CaptionInput
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """Inputs encoded and committed together (one shard), each with its pre-assigned id."""
-
-    collection: str
-    number: int
-    ids: tuple[int, ...]
-    inputs: tuple[Input, ...]
-
-
-@dataclass(frozen=True)
-class CollectionView:
-    """What the planner reads of one collection (``read_view``)."""
-
-    state: CollectionState
-    rows: pa.Table  # live rows, the planner's columns
-    outcomes: list[Outcome]
-    reserved: dict[tuple[Any, ...], int]  # inputs an earlier plan gave ids that no shard holds yet
-    # Captions: the rows of the given sources with what they read (``_CAPTION_CONTENT``), read
-    # when the planner compares them; None: ``rows`` holds those columns itself.
-    content: Callable[[set[str]], pa.Table] | None = None
 
 
 @dataclass
@@ -267,9 +210,6 @@ def plan_images(
 # -- captions ----------------------------------------------------------------------------------
 
 
-Reader = Callable[[Path, str, str | None], Iterable[CaptionRecord | Outcome]]
-
-
 def read_source(path: Path, source: str, image: str | None) -> Iterator[CaptionRecord | Outcome]:
     """A sidecar (``image`` given) or a caption file, as records and outcomes."""
     return read_sidecar(path, source, image) if image is not None else read_caption_file(path, source)
@@ -293,13 +233,13 @@ def plan_captions(
     (``CaptionItems``): its items read their rows again when the executor takes them.
     """
     state = view.state
-    indexed = _IndexedCaptions(view.rows, view.content)
+    indexed = IndexedCaptions(view.rows, view.content)
     outcomes_of: dict[str, list[Outcome]] = {}
     for o in view.outcomes:
         outcomes_of.setdefault(o.parent or o.source, []).append(o)
 
     outcomes: list[Outcome] = []
-    planning = _CaptionPlanning(view, item_size, read)
+    planning = CaptionPlanning(view, item_size, read)
     stale: list[int] = []
     present: set[str] = set()
     files = {name for name, _, image in sources if image is None}
@@ -343,7 +283,7 @@ def plan_captions(
             if isinstance(record, Outcome):
                 outcomes.append(replace(record, size=stats[0], mtime_ns=stats[1], parent=source))
                 continue
-            digest = _digest(record.text, record.image, _metadata_text(record.metadata))
+            digest = row_digest(record.text, record.image, metadata_text(record.metadata))
             old = existing.get(record.row)
             if old is not None and old[1] == digest:
                 kept.add(record.row)  # the same row as indexed: it keeps its id
@@ -385,236 +325,6 @@ def plan_captions(
     )
 
 
-class CaptionItems(Sequence[WorkItem]):
-    """A caption plan's work items, held as 28 bytes a planned row (its source, row number, key
-    digest and id) and read again from the sources, one item at a time, when iterated.
-
-    A source whose size or modification time changed since it was planned is refused
-    (``InputError``): the items committed by then hold rows as planned, and a rerun plans the
-    file as it is now.
-    """
-
-    collection = "captions"
-
-    def __init__(
-        self,
-        sources: list[tuple[str, Path, str | None, list[int]]],
-        read: Reader,
-        source_of: np.ndarray,
-        rows: np.ndarray,
-        digests: np.ndarray,
-        ids: np.ndarray,
-        cuts: np.ndarray,
-    ) -> None:
-        self.sources = sources  # (name, path, image, stats when planned)
-        self.read = read
-        self.source_of = source_of
-        self.rows = rows
-        self.digests = digests
-        self.ids = ids
-        self.cuts = cuts  # positions where items start, then the number of planned rows
-
-    @property
-    def sizes(self) -> list[int]:
-        return [int(n) for n in np.diff(self.cuts)]
-
-    def __len__(self) -> int:
-        return len(self.cuts) - 1
-
-    @overload
-    def __getitem__(self, index: int) -> WorkItem: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[WorkItem]: ...
-    def __getitem__(self, index: int | slice) -> WorkItem | list[WorkItem]:
-        if isinstance(index, slice):
-            return list(self)[index]
-        number = range(len(self))[index]
-        return next(islice(iter(self), number, None))
-
-    def __iter__(self) -> Iterator[WorkItem]:
-        cuts = self.cuts.tolist()
-        pending: list[CaptionInput] = []
-        number = 0
-        changes = (np.flatnonzero(np.diff(self.source_of)) + 1).tolist()
-        for begin, end in zip([0, *changes], [*changes, len(self.ids)], strict=True):
-            for x in self._read(int(self.source_of[begin]), self.rows[begin:end]):
-                pending.append(x)
-                if cuts[number] + len(pending) == cuts[number + 1]:
-                    ids = tuple(self.ids[cuts[number] : cuts[number + 1]].tolist())
-                    yield WorkItem("captions", number, ids, tuple(pending))
-                    pending, number = [], number + 1
-
-    def numbers_of(self, source: str) -> set[int]:
-        """The items that hold rows of ``source``."""
-        index = next(k for k, s in enumerate(self.sources) if s[0] == source)
-        positions = np.flatnonzero(self.source_of == index)
-        return {int(n) for n in np.unique(np.searchsorted(self.cuts, positions, side="right") - 1)}
-
-    def table(self) -> pa.Table:
-        """Each planned row with its id: what the store keeps while the plan is in progress."""
-        names = pa.array([s[0] for s in self.sources], pa.string())
-        return pa.table(
-            {
-                "id": pa.array(self.ids, pa.int64()),
-                "source": pa.DictionaryArray.from_arrays(pa.array(self.source_of, pa.int32()), names),
-                "row": pa.array(self.rows, pa.int64()),
-                "digest": pa.array(self.digests, pa.int64()),
-            }
-        )
-
-    def _read(self, index: int, rows: np.ndarray) -> Iterator[CaptionInput]:
-        name, path, image, stats = self.sources[index]
-        _check_unchanged(path, stats)
-        wanted = iter(rows.tolist())
-        want = next(wanted, None)
-        for record in self.read(path, name, image):
-            if want is None:
-                break
-            if isinstance(record, Outcome) or record.row < want:
-                continue
-            if record.row > want:
-                break
-            yield CaptionInput(record, _metadata_text(record.metadata), stats[0], stats[1])
-            want = next(wanted, None)
-        if want is not None:
-            raise InputError(f"{path} changed while it was being indexed: run the build again")
-        _check_unchanged(path, stats)
-
-
-class _CaptionPlanning:
-    """The planned rows of a caption plan as they are found: ids given, items cut."""
-
-    def __init__(self, view: CollectionView, item_size: int, read: Reader) -> None:
-        self.reserved = dict(view.reserved)
-        self.next_id = view.state.next_id
-        self.item_size = item_size
-        self.read = read
-        self.kept = 0
-        self.count = 0
-        self.sources: list[tuple[str, Path, str | None, list[int]]] = []
-        self.index: dict[str, int] = {}
-        self.source_of = array("i")
-        self.rows = array("q")
-        self.digests = array("q")
-        self.ids = array("q")
-        self.cuts = array("q")
-        self.last_image: tuple[str, str | None] | None = None
-
-    def add(
-        self, source: str, path: Path, image: str | None, stats: list[int], row: int, digest: int
-    ) -> None:
-        if source not in self.index:
-            self.index[source] = len(self.sources)
-            self.sources.append((source, path, image, stats))
-        # A sidecar's rows stay together in one item; a caption file's may be cut anywhere.
-        starts = image is None or self.last_image != (source, image)
-        if not self.cuts or (self.count - self.cuts[-1] >= self.item_size and starts):
-            self.cuts.append(self.count)
-        self.last_image = (source, image)
-        reused = self.reserved.pop((source, row, digest), None)
-        if reused is None:
-            reused, self.next_id = self.next_id, self.next_id + 1
-        else:
-            self.kept += 1
-        self.source_of.append(self.index[source])
-        self.rows.append(row)
-        self.digests.append(digest)
-        self.ids.append(reused)
-        self.count += 1
-
-    def items(self) -> CaptionItems:
-        def array_of(values: array, dtype: type) -> np.ndarray:
-            return np.frombuffer(values, dtype=dtype) if len(values) else np.empty(0, dtype)
-
-        cuts = np.append(array_of(self.cuts, np.int64), self.count) if self.count else np.zeros(1, np.int64)
-        return CaptionItems(
-            self.sources,
-            self.read,
-            array_of(self.source_of, np.int32),
-            array_of(self.rows, np.int64),
-            array_of(self.digests, np.int64),
-            array_of(self.ids, np.int64),
-            cuts,
-        )
-
-
-class _IndexedCaptions:
-    """The live caption rows grouped by source, without a Python object per row until a source's
-    rows are compared (``rows``), one source at a time. ``rows`` holds ids, sources, rows and file
-    stats; what the rows read (text, image, metadata) comes from ``content`` for the sources
-    ``prepare`` names (or from ``rows`` itself when it has those columns)."""
-
-    def __init__(self, rows: pa.Table, content: Callable[[set[str]], pa.Table] | None = None) -> None:
-        self.table, self.order, self.slices = _grouped(rows)
-        self.sources = set(self.slices)
-        self.content = content
-        self.read: tuple[pa.Table, pa.Array, dict[str, tuple[int, int]]] | None = None
-
-    def prepare(self, sources: set[str]) -> None:
-        wanted = sources & self.sources
-        if self.content is not None and wanted:
-            self.read = _grouped(self.content(wanted))
-
-    def _take(self, source: str, columns: Sequence[str]) -> pa.Table:
-        a, b = self.slices.get(source, (0, 0))
-        return self.table.select(list(columns)).take(self.order[a:b])
-
-    def ids(self, source: str) -> list[int]:
-        return [int(i) for i in self._take(source, ["id"]).column("id").to_pylist()]
-
-    def stats(self, source: str) -> set[tuple[int, int]]:
-        """The file stats ``source``'s rows were read with."""
-        if source not in self.slices:
-            return set()
-        table = self._take(source, ["size", "mtime_ns"])
-        pairs = table.group_by(["size", "mtime_ns"]).aggregate([])
-        return set(zip(pairs.column("size").to_pylist(), pairs.column("mtime_ns").to_pylist(), strict=True))
-
-    def rows(self, source: str) -> dict[int, tuple[int, int]]:
-        """``source``'s rows: row -> (id, digest of what it read)."""
-        table, order, slices = self.read if self.read is not None else (self.table, self.order, self.slices)
-        if source not in slices:
-            return {}
-        a, b = slices[source]
-        columns = ("id", "row", "text", "image", "metadata")
-        part = table.select(list(columns)).take(order[a:b])
-        out: dict[int, tuple[int, int]] = {}
-        for batch in part.to_batches(max_chunksize=65536):
-            values = (batch.column(c).to_pylist() for c in columns)
-            for i, row, text, image, metadata in zip(*values, strict=True):
-                out[row] = (i, _digest(text, image, metadata))
-        return out
-
-
-def _grouped(rows: pa.Table) -> tuple[pa.Table, pa.Array, dict[str, tuple[int, int]]]:
-    """``rows``, the order that sorts them by (source, row), and each source's slice of it."""
-    order = pc.sort_indices(rows, sort_keys=[("source", "ascending"), ("row", "ascending")])
-    names = rows.column("source").take(order)
-    slices: dict[str, tuple[int, int]] = {}
-    if len(names):
-        values = names.to_numpy(zero_copy_only=False)
-        starts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist()]
-        ends = [*starts[1:], len(values)]
-        slices = {str(values[a]): (a, b) for a, b in zip(starts, ends, strict=True)}
-    return rows, order, slices
-
-
-def _check_unchanged(path: Path, stats: list[int]) -> None:
-    try:
-        info = path.stat()
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from e
-    if [info.st_size, info.st_mtime_ns] != stats:
-        raise InputError(f"{path} changed while it was being indexed: run the build again")
-
-
-def _metadata_text(metadata: dict[str, Any]) -> str:
-    return json.dumps(metadata, sort_keys=True, ensure_ascii=False, default=str)
-
-
-# -- ids and items -------------------------------------------------------------------------------
-
-
 def _items(
     collection: str, planned: Sequence[Input], view: CollectionView, size: int
 ) -> tuple[list[WorkItem], int, int]:
@@ -646,9 +356,3 @@ def _plan_key(collection: str, entry: dict[str, Any]) -> tuple[Any, ...]:
     if collection == "images":
         return (entry["path"], entry["size"], entry["mtime_ns"])
     return (entry["source"], entry["row"], entry["digest"])
-
-
-def _digest(text: str, image: str | None, metadata: str) -> int:
-    """A caption row's key: 64 bits of the sha256 of what it reads (text, image, metadata)."""
-    data = json.dumps([text, image, metadata]).encode()
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little", signed=True)

@@ -33,7 +33,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from retrieval.ann.faiss_index import Rerank, index_ids
+from retrieval.ann.faiss_index import index_ids
+from retrieval.ann.rerank import Rerank
 from retrieval.durable import TMP_MARKER
 from retrieval.errors import StoreError
 from retrieval.model.fingerprint import ModelFingerprint
