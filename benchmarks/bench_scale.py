@@ -7,14 +7,16 @@ Printed in one run, each a ratio measured here:
 - the commit time of the last 10% of a build's table commits ÷ the first 10% (≤ 1.5);
 - an unchanged rerun ÷ the full build (≤ 3%), and a rerun after 1% of the rows changed ÷ the full build;
 - for the large index, recall@10 of held-out queries from another distribution against exact
-  search (≥ 0.95), and the index's batched QPS ÷ exact QPS (≥ 50).
+  search (≥ 0.95), and the index's batched QPS ÷ exact QPS (≥ 50);
+- an image folder (100k small distinct JPEGs in nested folders by default) through the tiny image
+  tower: images a second, peak RSS, and an unchanged rerun ÷ the full build.
 
 Each build runs in a child process of its own, so that its peak RSS (VmHWM) is its own; the
 child times every table commit. The corpora are several CSV files of synthetic captions of
 realistic length (``common.make_captions``), written as a stream.
 
     python benchmarks/bench_scale.py                       # 1M and 10M: most of an hour and more
-    python benchmarks/bench_scale.py --rows 20000,200000   # a quick look
+    python benchmarks/bench_scale.py --rows 20000,200000 --images 5000   # a quick look
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from common import WORDS, make_captions, make_model_dir
+from PIL import Image
 
 from retrieval import Retriever
 from retrieval.ann.exact import exact_search, recall_at
@@ -57,20 +60,20 @@ def timed(self, *args, **kwargs):
         timings.append(time.perf_counter() - started)
 
 table.DeltaCollection.commit = timed
-model, out, budget, *files = sys.argv[1:]
+model, out, budget, collection, *inputs = sys.argv[1:]
 model = Path(model)
 spec = ModelSpec(model / "best_checkpoint.pt", model / "bert-base-uncased", model / "vit-base-patch16-224")
 index = IndexConfig(memory_budget=int(float(budget) * 1e9) if float(budget) else None)
+paths = {"images": Path(inputs[0])} if collection == "images" else {"captions": tuple(map(Path, inputs))}
 started = time.perf_counter()
-report = build_index(BuildConfig(out=Path(out), captions=tuple(Path(f) for f in files), model=spec,
-                                 device="cpu", index=index))
+report = build_index(BuildConfig(out=Path(out), model=spec, device="cpu", index=index, **paths))
 seconds = time.perf_counter() - started
 status = Path("/proc/self/status").read_text()
 peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
-captions = report.collections["captions"]
-print(json.dumps({"seconds": seconds, "commits": timings, "peak": peak, "added": captions.added,
-                  "encoded": captions.encoded, "indexed": captions.indexed,
-                  "index": report.indexes["captions"].reason if "captions" in report.indexes else None}))
+built = report.collections[collection]
+print(json.dumps({"seconds": seconds, "commits": timings, "peak": peak, "added": built.added,
+                  "encoded": built.encoded, "indexed": built.indexed, "failed": built.failed,
+                  "index": report.indexes[collection].reason if collection in report.indexes else None}))
 """
 
 
@@ -90,6 +93,19 @@ def write_corpus(folder: Path, rows: int, files: int, rng: np.random.Generator) 
     return paths
 
 
+def write_images(folder: Path, count: int, rng: np.random.Generator) -> None:
+    """``count`` distinct small JPEGs (colour fields with their own grain, 64-160 px a side), a
+    thousand to a folder, two levels deep: every one goes through the model."""
+    fields = [rng.integers(0, 256, (3, 4, 3), dtype=np.uint8) for _ in range(64)]
+    for k in range(count):
+        w, h = (int(x) for x in rng.integers(64, 161, 2))
+        base = Image.fromarray(fields[k % len(fields)]).resize((w, h), Image.BILINEAR)
+        pixels = np.asarray(base, np.int16) + rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
+        path = folder / f"{k // 100_000:02d}" / f"{k // 1000 % 100:02d}" / f"{k:07d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=85)
+
+
 def change_one_percent(paths: list[Path], rng: np.random.Generator) -> int:
     """Rewrite 1% of the rows, spread over every file, in place; how many changed."""
     changed = 0
@@ -107,10 +123,10 @@ def change_one_percent(paths: list[Path], rng: np.random.Generator) -> int:
     return changed
 
 
-def build(model: Path, out: Path, paths: list[Path], budget: float) -> dict:
+def build(model: Path, out: Path, paths: list[Path], budget: float, collection: str = "captions") -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", _BUILD, str(model), str(out), str(budget), *map(str, paths)],
+        [sys.executable, "-c", _BUILD, str(model), str(out), str(budget), collection, *map(str, paths)],
         capture_output=True,
         text=True,
         env=env,
@@ -157,6 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1000000,10000000", help="the two sizes, comma-separated")
     parser.add_argument("--files", type=int, default=4, help="caption files per corpus")
+    parser.add_argument("--images", type=int, default=100_000, help="images in the image folder (0: none)")
     parser.add_argument(
         "--budget", type=float, default=0.0, help="FAISS memory budget in GB (0: the default)"
     )
@@ -190,6 +207,19 @@ def main() -> None:
             )
             print(f"             index: {full['index']}", flush=True)
         quality = held_out_quality(results[large]["out"], rng)
+        if args.images:
+            folder = work / f"images-{args.images}"
+            write_images(folder, args.images, rng)
+            out = work / f"index-images-{args.images}"
+            images = build(model, out, [folder], args.budget, "images")
+            images_rerun = build(model, out, [folder], args.budget, "images")
+            print(
+                f"{args.images:>11,} images: build {images['seconds']:.1f} s "
+                f"({images['encoded']:,} encoded, {images['failed']:,} failed), "
+                f"peak RSS {images['peak'] / 1e9:.2f} GB; unchanged rerun {images_rerun['seconds']:.1f} s",
+                flush=True,
+            )
+            print(f"             index: {images['index']}", flush=True)
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -208,6 +238,12 @@ def main() -> None:
         ("recall@10, held-out queries (large)", quality["recall_at_10"], "≥ 0.95"),
         ("index QPS ÷ exact QPS (large)", quality["qps_ratio"], "≥ 50"),
     ]
+    if args.images:
+        lines += [
+            ("images a second, image folder build", images["encoded"] / images["seconds"], "—"),
+            ("peak RSS of the image folder build, GB", images["peak"] / 1e9, "—"),
+            ("unchanged rerun ÷ full build (images)", images_rerun["seconds"] / images["seconds"], "—"),
+        ]
     print(f"\n{'measured':<44} {'value':>9}  target")
     for name, value, target in lines:
         print(f"{name:<44} {value:>9.3f}  {target}")

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 
 from retrieval.ann import faiss_index, sizing
+from retrieval.ann.axes import principal_axes
 from retrieval.ann.faiss_index import (
     Budget,
     IndexConfig,
@@ -128,20 +129,60 @@ def test_build_keeps_39_a_list_when_the_list_count_asks_for_more(
     assert sizes[0] >= 39 * nlist
 
 
-def test_a_small_budget_makes_auto_choose_ivfpq_and_say_why(tmp_path: Path) -> None:
+def test_a_small_budget_makes_auto_choose_ivfsq_and_say_why(tmp_path: Path) -> None:
     vectors, queries = clustered(60_000, 32, seed=1), clustered(300, 32, seed=2, noise=0.7)
     store = array_store(tmp_path, vectors)
     budget = plan_index("ivf", len(vectors), 32, Budget(1 << 50, "test")).peak_bytes - 1
     assert plan_index("auto", len(vectors), 32, Budget(budget, "test")).peak_bytes <= budget
     config = IndexConfig(memory_budget=budget)
     record = build_collection_index(store, "images", config, queries, "captions")
-    assert record is not None and record.kind == "ivfpq"
+    assert record is not None and record.kind == "ivfsq"
     assert f"over the memory budget of {sizing.size_text(budget)} (given by --memory-budget)" in record.reason
     assert "60,000 vectors x 32 take 7.7 MB uncompressed" in record.reason
+    assert "IVF-SQ with 8-bit codes of the principal axes (at most 32 bytes a vector" in record.reason
     assert "re-ranked on the exact vectors read from a file of 8.2 MB" in record.reason
+    assert "coded on the 32 principal axes of 32 that hold 100.000% of the energy" in record.reason
     assert record.recall_at_10 is not None and record.recall_at_10 >= 0.95
     found, _ = load_index(store, record).search(queries, 10)
     assert recall_at(found, exact(store, vectors, queries)) >= 0.95
+
+
+def test_a_budget_under_ivfsq_makes_auto_choose_ivfpq_and_say_why() -> None:
+    n, dim = 10_000_000, 256
+    sq = plan_index("ivfsq", n, dim, Budget(1 << 50, "test"))
+    pq = plan_index("ivfpq", n, dim, Budget(1 << 50, "test"))
+    assert pq.peak_bytes < sq.peak_bytes
+    plan = plan_index("auto", n, dim, Budget(pq.peak_bytes, "test"))
+    assert plan.kind == "ivfpq" and plan.peak_bytes <= pq.peak_bytes
+    assert f"IVF-SQ about {sizing.size_text(sq.peak_bytes)}, over it too" in (plan.reason or "")
+    assert "IVF-PQ with 4-bit fast-scan codes of the principal axes (at most 128 bytes a vector" in (
+        plan.reason or ""
+    )
+
+
+def test_the_compressed_kinds_code_only_the_axes_that_hold_energy(tmp_path: Path) -> None:
+    """Vectors from a 12-wide tower projected to 64 dimensions lie in a 12-dimensional subspace:
+    IVF-SQ codes 16 axes (12 rounded up to FAISS's 8 lanes), and still finds the exact neighbours."""
+    rng = np.random.default_rng(3)
+    narrow = clustered(60_000, 12, seed=4)
+    vectors = narrow @ np.linalg.qr(rng.normal(size=(64, 64)))[0][:12]
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    axes = principal_axes(vectors[:5000])
+    assert axes.kept == 16 and axes.held > 1 - 1e-6
+    assert np.allclose(axes.axes @ axes.axes.T, np.eye(16), atol=1e-5)
+    assert np.allclose(np.linalg.norm(axes.apply(vectors[:100]), axis=1), 1, atol=1e-4)  # nothing lost
+    store = array_store(tmp_path, vectors)
+    queries = vectors[rng.choice(len(vectors), 200, replace=False)] + 0.05 * rng.normal(size=(200, 64))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    record = build_collection_index(store, "images", IndexConfig(kind="ivfsq"), queries, "captions")
+    assert record is not None and record.kind == "ivfsq"
+    assert "coded on the 16 principal axes of 64" in (record.reason or "")
+    found, scores = load_index(store, record).search(queries, 10)
+    truth = exact(store, vectors, queries)
+    assert recall_at(found, truth) >= 0.95
+    position = {int(i): row for row, i in enumerate(store.ids(0, len(vectors)))}
+    best = vectors[[position[int(i)] for i in found[:, 0]]]
+    assert np.allclose(scores[:, 0], np.einsum("qd,qd->q", best, queries), atol=1e-5)  # exact scores
 
 
 def test_auto_refuses_a_budget_nothing_fits() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -25,6 +26,7 @@ from stores import build_args, canonical, committed, live
 
 from retrieval import Encoder, IndexMismatchError, ModelSpec, MultiModalEncoder, StoreError, durable
 from retrieval.build.pipeline import BuildConfig, build_index
+from retrieval.build.stored import StoredVectors, hash_keys
 from retrieval.build.verify import verify_index
 from retrieval.durable import CRASH_ENV
 from retrieval.errors import BuildInterrupted
@@ -326,6 +328,34 @@ def test_truncated_flag_survives_vector_reuse(
     report = build_index(config).collections["captions"]
     assert (report.reused, report.encoded) == (1, 1)
     assert live(config.out, "captions").column("flags").to_pylist() == [[], ["truncated"]]
+
+
+def test_stored_vectors_are_found_by_their_full_hash(
+    tmp_path: Path, checkpoint: Path, towers: tuple[Path, Path]
+) -> None:
+    texts = ["a dog on a beach", "two cats", "a red bicycle"]
+    captions = tmp_path / "c.txt"
+    captions.write_text("\n".join(texts) + "\n")
+    config = BuildConfig(
+        out=tmp_path / "idx", captions=(captions,), model=ModelSpec(checkpoint, *towers), device="cpu"
+    )
+    build_index(config)
+    rows = live(config.out, "captions")
+    vectors = embedding_matrix(rows.column("embedding"), 16)
+    expected = dict(zip(rows.column("sha256").to_pylist(), vectors, strict=True))
+    with Store.open(config.out) as store:
+        stored = StoredVectors(store, "captions", 16, store.table("captions"))
+        assert len(stored) == len(texts)
+        for sha, vector in expected.items():
+            found = stored.get(sha)
+            assert found is not None and np.array_equal(found, vector)
+            # The same first 64 bits, another hash: the prefix finds the row, the full hash refuses it.
+            other = sha[:16] + ("0" if sha[16] != "0" else "1") + sha[17:]
+            assert stored.get(other) is None
+        assert stored.get(hashlib.sha256(b"never indexed").hexdigest()) is None
+    hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+    keys = hash_keys(pa.chunked_array([hashes[:1], hashes[1:]]))
+    assert keys.tolist() == [int(h[:16], 16) for h in hashes]
 
 
 def test_a_folder_that_cannot_be_listed_keeps_its_rows(

@@ -68,7 +68,7 @@ def exact(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> 
     return ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :k]]
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq", "auto"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq", "ivfpq", "auto"])
 def test_every_index_type_reaches_the_target_recall(data: tuple, kind: str) -> None:
     store, vectors, ids, queries = data
     record = build_collection_index(
@@ -92,7 +92,7 @@ def test_every_index_type_reaches_the_target_recall(data: tuple, kind: str) -> N
         assert record.param == "efSearch"
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq", "ivfpq"])
 def test_allow_list_is_applied_inside_faiss(data: tuple, kind: str) -> None:
     store, vectors, ids, queries = data
     record = build_collection_index(store, "images", IndexConfig(kind=kind), queries, "captions")
@@ -360,14 +360,18 @@ def test_recall_counts_ties_at_the_kth_score() -> None:
 
 
 @pytest.mark.damages_stores
-def test_ivfpq_reranks_from_a_file_beside_it_and_refuses_that_file_damaged(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "code"), [("ivfsq", 32), ("ivfpq", 16)])
+def test_compressed_kinds_rerank_from_a_file_beside_them_and_refuse_that_file_damaged(
+    tmp_path: Path, kind: str, code: int
+) -> None:
     vectors, queries = clustered(20_000, 32, seed=3), clustered(200, 32, seed=4)
     ids = np.arange(len(vectors), dtype=np.int64) * 2 + 1
     store = vector_store(tmp_path / "s", vectors, ids)
-    record = build_collection_index(store, "images", IndexConfig(kind="ivfpq"), queries, "captions")
+    record = build_collection_index(store, "images", IndexConfig(kind=kind), queries, "captions")  # type: ignore[arg-type]
     assert record is not None and record.rerank is not None and record.refine is not None
-    # The index file holds the codes and ids (8 bytes of codes at d=32, 8 of id), not the vectors.
-    assert record.file.bytes < len(vectors) * (8 + 8 + 8)
+    # The index file holds the codes and ids (a byte or half a byte an axis, 8 bytes of id; fast
+    # scan pads each list to blocks of 32), not the 128 bytes of each vector.
+    assert record.file.bytes < 1.5 * len(vectors) * (code + 8) < len(vectors) * 4 * 32
     assert record.rerank.bytes == len(vectors) * (8 + 4 * 32)
     index = load_index(store, record)
     assert index.rerank is not None and np.array_equal(np.asarray(index.rerank.ids), ids)

@@ -1,20 +1,24 @@
-"""FAISS indexes over a store's vectors: exact, IVF, HNSW and IVF-PQ with a re-rank.
+"""FAISS indexes over a store's vectors: exact, IVF, HNSW, and IVF-SQ and IVF-PQ with a re-rank.
 
 ``build_collection_index`` does one collection's whole job in four steps:
 
 1. **plan** (``plan_index``, a pure function of the row count, the dimension and the memory budget):
    the kind (``auto`` keeps exact search up to 50,000 vectors, then IVF-Flat while it fits the
-   budget, else IVF-PQ re-ranked on the most exact copy of the vectors that fits), IVF's list count
-   and training sample (100 vectors a list, never fewer than FAISS's 39: fewer lists when the budget
-   cannot hold that many), and the reason ``index info`` shows. The default budget is half the
-   memory available when the build starts (``resolve_budget``).
-2. **train** on a uniform sample drawn in one pass over the blocks (``sample_vectors``);
-3. **add** the live vectors block by block with their ids (never row positions); IVF-Flat first
-   assigns every vector to its list, so that each list is allocated once at its final size;
-4. **tune** the search parameter (``nprobe`` or ``efSearch``, and IVF-PQ's re-rank depth) upward
-   until recall@10 against exact search reaches the target. The queries come from the *other*
-   collection when it exists (captions against the image index and the reverse), since that is
-   how the index is used; otherwise from a sample of the collection itself.
+   budget, then IVF-SQ's 8-bit codes, else IVF-PQ's 4-bit ones, both re-ranked on the exact vectors
+   in a file), IVF's list count and training sample (100 vectors a list, never fewer than FAISS's
+   39: fewer lists when the budget cannot hold that many), and the reason ``index info`` shows.
+   The default budget is half the memory available when the build starts (``resolve_budget``).
+2. **train** on a uniform sample drawn in one pass over the blocks (``sample_vectors``); the
+   compressed kinds first find the sample's principal axes (``axes.principal_axes``) and code
+   only those;
+3. **add** the live vectors block by block with their ids (never row positions); IVF-Flat and
+   IVF-SQ first assign every vector to its list, so that each list is allocated once at its final
+   size;
+4. **tune** the search parameter (``nprobe`` or ``efSearch``, and the compressed kinds' re-rank
+   depth) upward until recall@10 against exact search reaches the target. The queries come from
+   the *other* collection when it exists (captions against the image index and the reverse), since
+   that is how the index is used; otherwise from a sample of the collection itself, each query's
+   own row left out of both lists (a query from outside never finds itself).
 
 Memory is the index, the training sample and a block or two of vectors, never the collection.
 Exact search, streamed over the blocks, is the oracle. Scores are inner products of unit vectors:
@@ -34,6 +38,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from retrieval.ann.axes import PrincipalAxes, principal_axes
 from retrieval.ann.exact import exact_search, recall_at, recall_within_ties
 from retrieval.ann.rerank import Rerank, RerankWriter
 from retrieval.ann.sampling import live_count, live_vectors, sample_vectors, store_dim
@@ -69,11 +74,13 @@ __all__ = [
     "sample_vectors",
 ]
 
-IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
+IndexKind = Literal["flat", "ivf", "hnsw", "ivfsq", "ivfpq", "auto"]
+_RERANKED = ("ivfsq", "ivfpq")  # kinds whose codes find candidates for an exact re-rank from a file
 _IVF_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _HNSW_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
-# IVF-PQ re-ranks k * factor candidates; the factor is tuned with nprobe.
-_REFINE_FACTORS = (4, 16, 64)
+# The compressed kinds re-rank k * factor candidates; the factor is tuned with nprobe. IVF-SQ's 8-bit
+# codes rank nearly as the vectors do; IVF-PQ's 4-bit codes need many more candidates.
+_REFINE_FACTORS = {"ivfsq": (1, 2, 4, 8), "ivfpq": (4, 16, 64, 256)}
 _TIE_DEPTH = 10  # exact neighbours kept past k, so that a found one tied with the k-th counts
 
 
@@ -95,31 +102,46 @@ class IndexConfig:
     seed: int = 0
 
 
-def _make(plan: IndexPlan) -> faiss.Index:
+def _make(plan: IndexPlan, axes: PrincipalAxes | None = None) -> faiss.Index:
     dim, ip = plan.dim, faiss.METRIC_INNER_PRODUCT
     # Outer id maps are IndexIDMap: IndexIDMap2's reverse map would cost ~50 bytes a vector.
     if plan.kind == "flat":
         return faiss.IndexIDMap(faiss.IndexFlatIP(dim))
     if plan.kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(dim, HNSW_LINKS, ip)
-        inner.hnsw.efConstruction = 80
-        return faiss.IndexIDMap(inner)
+        graph = faiss.IndexHNSWFlat(dim, HNSW_LINKS, ip)
+        graph.hnsw.efConstruction = 80
+        return faiss.IndexIDMap(graph)
     if plan.kind == "ivf":
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, plan.nlist, ip)
-    # IVF-PQ keeps the row ids in its lists; its re-rank copy is a file beside it (``Rerank``).
-    quantizer = faiss.IndexFlatIP(dim)
-    return faiss.IndexIVFPQFastScan(quantizer, dim, plan.nlist, pq_m(dim), plan.pq_bits, ip)
+    # The compressed kinds code the principal axes, keep the row ids in their lists, and re-rank on
+    # a file beside them (``Rerank``); the rotation is part of the saved index.
+    assert axes is not None
+    kept = axes.kept
+    quantizer = faiss.IndexFlatIP(kept)
+    inner: faiss.Index
+    if plan.kind == "ivfsq":
+        inner = faiss.IndexIVFScalarQuantizer(quantizer, kept, plan.nlist, faiss.ScalarQuantizer.QT_8bit, ip)
+    else:
+        inner = faiss.IndexIVFPQFastScan(quantizer, kept, plan.nlist, pq_m(kept), plan.pq_bits, ip)
+    return faiss.IndexPreTransform(axes.transform(), inner)
 
 
 Blocks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
 BlockSink = Callable[[np.ndarray, np.ndarray], None]
 
 
-def _add(index: faiss.Index, kind: str, blocks: Blocks, n: int, sink: BlockSink | None = None) -> None:
+def _add(
+    index: faiss.Index,
+    kind: str,
+    blocks: Blocks,
+    n: int,
+    sink: BlockSink | None = None,
+    axes: PrincipalAxes | None = None,
+) -> None:
     """Add every vector that ``blocks()`` yields, with its id, one block at a time (and hand each
-    block to ``sink``: IVF-PQ's re-rank file)."""
-    if kind == "ivf":
-        _add_ivf(index, blocks, n)
+    block to ``sink``: the compressed kinds' re-rank file)."""
+    if kind in ("ivf", "ivfsq"):
+        _add_ivf(index, blocks, n, sink, axes)
         return
     for ids, vectors in blocks():
         index.add_with_ids(vectors, ids)
@@ -127,11 +149,22 @@ def _add(index: faiss.Index, kind: str, blocks: Blocks, n: int, sink: BlockSink 
             sink(ids, vectors)
 
 
-def _add_ivf(index: faiss.Index, blocks: Blocks, n: int) -> None:
-    """Add to an IVF-Flat in two passes over the blocks. The first assigns each vector to its list
-    (4 bytes a vector kept); every list is then allocated once at its final size, sparing the ~40%
-    that lists grown block by block hold in spare capacity. The second adds each block to the lists
-    already assigned, without assigning it again."""
+def _add_ivf(
+    index: faiss.Index,
+    blocks: Blocks,
+    n: int,
+    sink: BlockSink | None = None,
+    axes: PrincipalAxes | None = None,
+) -> None:
+    """Add to an IVF-Flat or IVF-SQ in two passes over the blocks. The first assigns each vector to
+    its list (4 bytes a vector kept); every list is then allocated once at its final size, sparing
+    the ~40% that lists grown block by block hold in spare capacity. The second adds each block to
+    the lists already assigned, without assigning it again. ``axes``: the rotation the lists'
+    vectors are coded in (IVF-SQ), applied here since the lists are filled below it."""
+
+    def coded(vectors: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(vectors if axes is None else axes.apply(vectors), dtype=np.float32)
+
     ivf = faiss.extract_index_ivf(index)
     invlists = ivf.invlists
     assert invlists is not None  # a new IVF index owns its (empty) lists
@@ -140,7 +173,7 @@ def _add_ivf(index: faiss.Index, blocks: Blocks, n: int) -> None:
     for _, vectors in blocks():
         if start + len(vectors) > n:
             raise StoreError(f"more than the {n:,} rows counted were read: the rows changed during the build")
-        lists[start : start + len(vectors)] = ivf.quantizer.assign(vectors, 1).ravel()
+        lists[start : start + len(vectors)] = ivf.quantizer.assign(coded(vectors), 1).ravel()
         start += len(vectors)
     sizes = np.bincount(lists[:start], minlength=ivf.nlist)
     for number in np.flatnonzero(sizes):
@@ -154,11 +187,14 @@ def _add_ivf(index: faiss.Index, blocks: Blocks, n: int) -> None:
             raise StoreError(f"more than the {n:,} rows counted were read: the rows changed during the build")
         ivf.add_core(
             len(ids),
-            faiss.swig_ptr(np.ascontiguousarray(vectors, dtype=np.float32)),
+            faiss.swig_ptr(coded(vectors)),
             faiss.swig_ptr(np.ascontiguousarray(ids, dtype=np.int64)),
             faiss.swig_ptr(assigned),
         )
+        if sink is not None:
+            sink(ids, vectors)
         start += len(ids)
+    index.ntotal = ivf.ntotal  # filled below a rotation: the outer index counts them too
 
 
 class _BatchedBlas:
@@ -209,7 +245,7 @@ class SearchIndex:
         self.param = param
         self.value = value
         self.refine = refine
-        self.rerank = rerank  # IVF-PQ: the re-rank file (None: an index that re-ranks inside FAISS)
+        self.rerank = rerank  # IVF-SQ, IVF-PQ: the re-rank file (None: one that re-ranks inside FAISS)
 
     def search(
         self, queries: np.ndarray, k: int, allow_ids: np.ndarray | None = None, value: int | None = None
@@ -229,7 +265,7 @@ class SearchIndex:
         selector = None
         if allow_ids is not None:
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(allow_ids, dtype=np.int64))
-        if self.kind == "ivf" or (self.kind == "ivfpq" and self.rerank is not None):
+        if self.kind in ("ivf", "ivfsq") or (self.kind == "ivfpq" and self.rerank is not None):
             return faiss.SearchParametersIVF(sel=selector, nprobe=value or 1)
         if self.kind == "hnsw":
             return faiss.SearchParametersHNSW(sel=selector, efSearch=value or 16)
@@ -256,22 +292,24 @@ def _tune(
     k: int,
     target: float,
     limit: int,
+    skip: int = 0,
 ) -> tuple[int | None, int | None, float]:
     """The cheapest (value, refine) whose recall@k reaches ``target`` (else the most thorough).
 
     The measured recall must clear the target by two standard errors of its own estimate, so that
-    the choice holds on queries other than the ones it was tuned with.
+    the choice holds on queries other than the ones it was tuned with. ``skip``: leading columns
+    of both lists not scored (1: the queries are rows of the index, and find themselves first).
     """
     margin = 2 * np.sqrt(target * (1 - target) / max(len(queries) * k, 1))
     steps = [s for s in (_HNSW_STEPS if index.kind == "hnsw" else _IVF_STEPS) if s <= limit] or [limit]
-    factors: tuple[int | None, ...] = _REFINE_FACTORS if index.kind == "ivfpq" else (None,)
+    factors: tuple[int | None, ...] = _REFINE_FACTORS.get(index.kind, (None,))
     # Cost grows with both: the lists scanned, and the candidates re-ranked.
     trials = sorted(((v, f) for v in steps for f in factors), key=lambda t: t[0] * (t[1] or 1) ** 0.5)
     best = (trials[-1][0], trials[-1][1], -1.0)
     for value, factor in trials:
         index.refine = factor
-        ids, _ = index.search(queries, k, value=value)
-        recall = recall_within_ties(ids, *truth)
+        ids, _ = index.search(queries, k + skip, value=value)
+        recall = recall_within_ties(ids[:, skip:], truth[0][:, skip:], truth[1][:, skip:])
         if recall >= min(target + margin, 1.0):
             return value, factor, recall
         if recall > best[2]:
@@ -309,17 +347,25 @@ def build_collection_index(
     kind, reason = plan.kind, plan.reason
     # Named by the catalog write that will record them: a file a reader may hold is never rewritten.
     stem = f"faiss/{collection}-{kind}-g{(store.manifest.generation if store.manifest else 0) + 1:06d}"
-    index = _make(plan)
-    if not index.is_trained:
-        index.train(sample_vectors(store, collection, plan.train, rng))
+    axes: PrincipalAxes | None = None
+    if kind in ("flat", "hnsw"):
+        index = _make(plan)
+    else:
+        sample = sample_vectors(store, collection, plan.train, rng)
+        if kind in _RERANKED:
+            axes = principal_axes(sample)
+            reason = f"{reason}; coded {axes.describe()}" if reason else f"coded {axes.describe()}"
+        index = _make(plan, axes)
+        index.train(sample)
+        del sample
     rerank: Rerank | None = None
-    if kind == "ivfpq":
+    if kind in _RERANKED:
         dim = store_dim(store)
 
         def fill(tmp: Path) -> None:
             writer = RerankWriter(tmp, n, dim)
             try:
-                _add(index, kind, lambda: live_vectors(store, collection), n, writer)
+                _add(index, kind, lambda: live_vectors(store, collection), n, writer, axes)
             finally:
                 writer.close()
 
@@ -330,22 +376,23 @@ def build_collection_index(
     if index.ntotal != n:
         raise StoreError(f"{collection}: {index.ntotal:,} vectors read, {n:,} counted: the rows changed")
 
-    param = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(kind)
+    param = {"ivf": "nprobe", "ivfsq": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(kind)
     search_index = SearchIndex(index, kind, param, None, rerank=rerank)
     if queries is None or len(queries) == 0:
         queries, queries_from = sample_vectors(store, collection, config.tuning_queries, rng), "self"
     else:
         queries = queries[rng.permutation(len(queries))[: config.tuning_queries]]
-    k = min(10, n)
-    truth = _exact(store, collection, queries, min(k + _TIE_DEPTH, n))
+    skip = 1 if queries_from == "self" and n > 1 else 0
+    k = min(10, n - skip)
+    truth = _exact(store, collection, queries, min(k + skip + _TIE_DEPTH, n))
     value: int | None = None
     refine: int | None = None
     if param is None:
-        found, _ = search_index.search(queries, k)
-        recall = recall_within_ties(found, *truth)
+        found, _ = search_index.search(queries, k + skip)
+        recall = recall_within_ties(found[:, skip:], truth[0][:, skip:], truth[1][:, skip:])
     else:
-        limit = plan.nlist if kind in ("ivf", "ivfpq") else max(_HNSW_STEPS)
-        value, refine, recall = _tune(search_index, queries, truth, k, config.target_recall, limit)
+        limit = plan.nlist if kind in ("ivf", *_RERANKED) else max(_HNSW_STEPS)
+        value, refine, recall = _tune(search_index, queries, truth, k, config.target_recall, limit, skip)
         search_index.value, search_index.refine = value, refine
     latency = _latency_ms(search_index, queries, k)
 
@@ -391,7 +438,7 @@ def load_index(store: Store, record: IndexRecord) -> SearchIndex:
     """Read an index after checking its sha256 (memory-mapped when large and IVF)."""
     path: Path = store.folder / record.file.file
     store.verify(record.file)
-    flags = faiss.IO_FLAG_MMAP if record.kind in ("ivf", "ivfpq") and record.file.bytes > 1 << 30 else 0
+    flags = faiss.IO_FLAG_MMAP if record.kind in ("ivf", *_RERANKED) and record.file.bytes > 1 << 30 else 0
     try:
         index = faiss.read_index(str(path), flags)
     except RuntimeError as e:

@@ -1,5 +1,6 @@
-"""IVF-PQ's re-rank copy of the vectors: a file beside the index, written block by block as the
-index is built (``RerankWriter``) and memory-mapped by searchers (``Rerank``)."""
+"""The compressed indexes' (IVF-SQ, IVF-PQ) re-rank copy of the vectors: a file beside the index,
+written block by block as the index is built (``RerankWriter``) and memory-mapped by searchers
+(``Rerank``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ _RERANK_QUERIES = 64  # queries re-ranked at a time (a build unmaps their pages 
 
 
 class Rerank:
-    """IVF-PQ's re-rank copy of the vectors: a file of the ids (int64, ascending, as the tables
+    """The re-rank copy of the vectors: a file of the ids (int64, ascending, as the tables
     hold them) then the float32 vectors, memory-mapped. The codes find ``k * refine`` candidates;
     their vectors score them again exactly. On disk and not in memory, it costs a build nothing
     beside the codes, and a search only the pages it reads."""

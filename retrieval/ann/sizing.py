@@ -1,10 +1,11 @@
 """How big an index will be, and what fits: ``plan_index``, a pure function of the row count, the
 dimension and the memory budget, picks the kind (``auto`` keeps exact search up to 50,000 vectors,
-then IVF-Flat while it fits the budget, else IVF-PQ, whose re-rank copy of the vectors is a file on
-disk and not memory), IVF's list count (about 4 sqrt(n), at most 4,096) and training sample (100
-vectors a list, never fewer than FAISS's 39: fewer lists when the budget cannot hold that many), and
-the reason ``index info`` shows. The default budget is half the memory available when the build
-starts (``resolve_budget``).
+then IVF-Flat while it fits the budget, then IVF-SQ (8-bit codes), else IVF-PQ (4-bit codes); the
+two compressed kinds code the vectors' principal axes and re-rank on an exact copy of the vectors
+kept in a file on disk, not in memory), IVF's list count (about 4 sqrt(n), at most 4,096) and
+training sample (100 vectors a list, never fewer than FAISS's 39: fewer lists when the budget
+cannot hold that many), and the reason ``index info`` shows. The default budget is half the memory
+available when the build starts (``resolve_budget``).
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ __all__ = [
     "size_text",
 ]
 
-KINDS = ("flat", "ivf", "hnsw", "ivfpq", "auto")
+KINDS = ("flat", "ivf", "hnsw", "ivfsq", "ivfpq", "auto")
 _TRAIN_PER_CENTROID = 39  # FAISS's minimum training points per centroid (it warns below)
 _TRAIN_PER_LIST = 100  # IVF training points aimed for a list: k-means is stable from about there
-# IVF-PQ codes are 4 bits a sub-quantizer (16 centroids), laid out for FAISS's fast scan: a list is
-# scanned with SIMD table lookups, several times faster than 8-bit codes; the exact re-rank of the
-# candidates makes up for the coarser codes.
+# IVF-SQ codes each kept axis in 8 bits (256 levels): close enough to the vectors that the exact
+# re-rank needs only a few candidates past k. IVF-PQ, for budgets that cannot hold those, codes each
+# axis in 4 bits (a sub-quantizer of 16 centroids), laid out for FAISS's fast scan (SIMD table
+# lookups); its coarser codes need many more candidates re-ranked.
+_SQ_BITS = 8
 _PQ_BITS = 4
 _LIST_GROWTH = 1.4  # lists grown block by block hold about 40% spare capacity
 _AUTO_EXACT_MAX = 50_000  # below this, exact search is fast enough that approximation buys nothing
@@ -96,12 +99,12 @@ def resolve_budget(memory_budget: int | None) -> Budget:
 class IndexPlan:
     """What to build for one collection, what it will hold, and why."""
 
-    kind: str  # flat, ivf, hnsw or ivfpq
+    kind: str  # flat, ivf, hnsw, ivfsq or ivfpq
     rows: int
     dim: int
     nlist: int = 0  # IVF lists
     train: int = 0  # IVF training vectors
-    pq_bits: int = 0  # IVF-PQ: bits a sub-quantizer code
+    pq_bits: int = 0  # IVF-SQ, IVF-PQ: bits a code of an axis
     peak_bytes: int = 0  # the build's peak: index or training sample, plus blocks being read
     reason: str | None = None  # shown by `index info`
 
@@ -112,7 +115,7 @@ def plan_index(kind: str, n: int, dim: int, budget: Budget, train_sample: int | 
     Raises ConfigError for an unknown kind, or when ``auto`` finds nothing that fits the budget.
     """
     if kind not in KINDS:
-        raise ConfigError(f"unknown index type {kind!r}; use flat, ivf, hnsw, ivfpq or auto")
+        raise ConfigError(f"unknown index type {kind!r}; use flat, ivf, hnsw, ivfsq, ivfpq or auto")
     if kind == "auto" and n <= _AUTO_EXACT_MAX:
         return _sized(IndexPlan("flat", n, dim, reason=f"auto: {n:,} vectors, exact search is fast enough"))
     if kind in ("flat", "hnsw"):
@@ -130,12 +133,20 @@ def plan_index(kind: str, n: int, dim: int, budget: Budget, train_sample: int | 
     if kind == "ivf" or (kind == "auto" and budget.fits(ivf.peak_bytes)):
         asked = "" if budget.fits(ivf.peak_bytes) else " (built as asked)"
         return replace(ivf, reason=f"{head}: IVF-Flat{asked}, {lists}")
+    rerank = f"re-ranked on the exact vectors read from a file of {size_text(n * (8 + 4 * dim))}"
+    sq = _sized(IndexPlan("ivfsq", n, dim, nlist, train, _SQ_BITS))
+    if kind == "ivfsq" or (kind == "auto" and budget.fits(sq.peak_bytes)):
+        asked = "" if budget.fits(sq.peak_bytes) else " (over the budget: built as asked)"
+        what = (
+            f"IVF-SQ with 8-bit codes of the principal axes (at most {_code_bytes(dim, _SQ_BITS)} bytes "
+            f"a vector, about {size_text(sq.peak_bytes)} in all){asked}, {rerank}"
+        )
+        return replace(sq, reason=f"{head}: {what}, {lists}")
     if n < _TRAIN_PER_CENTROID * 2**_PQ_BITS:
         needed = _TRAIN_PER_CENTROID * 2**_PQ_BITS
         why = f"ivfpq needs at least {needed:,} vectors to train its quantizers, {n:,} here"
         return _sized(IndexPlan("flat", n, dim, reason=why))
-    bits = _PQ_BITS
-    plan = _sized(IndexPlan("ivfpq", n, dim, nlist, train, bits))
+    plan = _sized(IndexPlan("ivfpq", n, dim, nlist, train, _PQ_BITS))
     if not budget.fits(plan.peak_bytes) and kind == "auto":
         raise ConfigError(
             f"{n:,} vectors x {dim} need about {size_text(plan.peak_bytes)} even as IVF-PQ, "
@@ -143,10 +154,11 @@ def plan_index(kind: str, n: int, dim: int, budget: Budget, train_sample: int | 
         )
     asked = "" if budget.fits(plan.peak_bytes) else " (over the budget: built as asked)"
     what = (
-        f"IVF-PQ with {_code_bytes(dim, bits)}-byte codes, fast scan (about {size_text(plan.peak_bytes)})"
-        f"{asked}, "
-        f"re-ranked on the exact vectors read from a file of {size_text(n * (8 + 4 * dim))}"
+        f"IVF-PQ with 4-bit fast-scan codes of the principal axes (at most {_code_bytes(dim, _PQ_BITS)} "
+        f"bytes a vector, about {size_text(plan.peak_bytes)} in all){asked}, {rerank}"
     )
+    if kind == "auto":
+        head += f"; IVF-SQ about {size_text(sq.peak_bytes)}, over it too"
     return replace(plan, reason=f"{head}: {what}, {lists}")
 
 
@@ -168,12 +180,13 @@ def _lists(n: int, dim: int, budget: Budget, train_sample: int | None) -> tuple[
 
 
 def pq_m(dim: int) -> int:
-    """Sub-quantizers: one for every 2 dimensions (4 bits each, so a byte for 4 dimensions)."""
-    return next(m for m in (dim // 2, dim) if m and dim % m == 0)
+    """IVF-PQ's sub-quantizers: one for every kept axis (4 bits each, so a byte for 2 axes)."""
+    return dim
 
 
 def _code_bytes(dim: int, bits: int) -> int:
-    return (pq_m(dim) * bits + 7) // 8
+    """The most bytes a code takes: every axis kept (the principal axes are usually fewer)."""
+    return (dim * bits + 7) // 8
 
 
 def _blocks_bytes(n: int, dim: int) -> int:
@@ -192,7 +205,8 @@ def _sized(plan: IndexPlan) -> IndexPlan:
     a few above); IVF-Flat, its list entry (lists allocated at their final size) and its list number
     from the first pass; IVF-PQ, its code and id in lists grown block by block (its re-rank copy is
     written to a file as it is built, not held). IVF also holds its centroids, IVF-PQ its
-    sub-quantizers.
+    sub-quantizers, and the compressed kinds their principal axes. IVF-SQ is sized as IVF-Flat with a
+    byte a kept axis (at most the dimension).
     """
     n, dim = plan.rows, plan.dim
     if plan.kind == "flat":
@@ -201,9 +215,15 @@ def _sized(plan: IndexPlan) -> IndexPlan:
         per = 4 * dim + 8 + 2 * HNSW_LINKS * 4 * 1.2
     elif plan.kind == "ivf":
         per = 4 * dim + 8 + 4.0
+    elif plan.kind == "ivfsq":
+        per = _code_bytes(dim, plan.pq_bits) + 8 + 4.0
     else:
         per = (_code_bytes(dim, plan.pq_bits) + 8) * _LIST_GROWTH
-    fixed = plan.nlist * dim * 4 + (dim * 2**plan.pq_bits * 4 if plan.kind == "ivfpq" else 0)
+    fixed = plan.nlist * dim * 4
+    if plan.kind in ("ivfsq", "ivfpq"):
+        fixed += dim * dim * 4  # the principal axes
+    if plan.kind == "ivfpq":
+        fixed += dim * 2**plan.pq_bits * 4  # the sub-quantizers' centroids
     peak = max(int(n * per) + fixed, _train_bytes(plan.train, dim)) + _blocks_bytes(n, dim)
     return replace(plan, peak_bytes=peak)
 

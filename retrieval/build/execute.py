@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from retrieval.build.plan import CaptionInput, CaptionItems, ImageInput, WorkItem, item_sizes
-from retrieval.errors import StoreError
+from retrieval.build.stored import StoredVectors
 from retrieval.ingest.reader import (
     DEFAULT_DECODE_TIMEOUT,
     DecodedGroup,
@@ -35,11 +35,7 @@ from retrieval.model.encoder import Encoder
 from retrieval.model.imaging import DEFAULT_MAX_PIXELS
 from retrieval.outcomes import Outcome
 from retrieval.progress import Progress
-from retrieval.store.folder import Store, removed_file
-from retrieval.store.manifest import FileRef
 from retrieval.store.schema import CaptionRow, ImageRow, Row
-from retrieval.store.table import DeltaCollection
-from retrieval.vectors import embedding_matrix
 
 __all__ = ["Executor", "ItemResult", "LocalExecutor", "StoredVectors"]
 
@@ -68,47 +64,6 @@ class ItemResult:
             if self.vectors
             else np.empty((0, dim), np.float32)
         )
-
-
-class StoredVectors:
-    """The vector already stored for a content hash: in a live data file, or in one a deletion or
-    rewrite removed from the table but a vacuum has not yet (of the same model)."""
-
-    def __init__(self, store: Store, collection: str, dim: int, table: DeltaCollection) -> None:
-        self.store = store
-        self.dim = dim
-        live: dict[str, tuple[FileRef, int]] = {}
-        gone: dict[str, tuple[FileRef, int]] = {}
-        named = set()
-        for ref, rows in store.iter_shards(collection, ["sha256"]):
-            named.add(ref.file)
-            for row, sha in enumerate(rows.column("sha256").to_pylist()):
-                live[sha] = (ref, row)
-        digest = (store.manifest.fingerprint if store.manifest else None) or ""
-        for path in table.files_on_disk():
-            found = removed_file(store.folder, path, digest)
-            if found is None or found.file in named:
-                continue
-            try:
-                rows = store.read_table(found, ["sha256"])
-            except StoreError:
-                continue  # damaged: only a chance of reuse is lost
-            for row, sha in enumerate(rows.column("sha256").to_pylist()):
-                gone[sha] = (found, row)
-        self.places = gone | live  # a live copy preferred: its file is the one being read anyway
-        self._cache: dict[str, np.ndarray] = {}
-
-    def __contains__(self, sha256: str) -> bool:
-        return sha256 in self.places
-
-    def get(self, sha256: str) -> np.ndarray:
-        ref, row = self.places[sha256]
-        if ref.file not in self._cache:
-            if len(self._cache) >= 4:
-                self._cache.pop(next(iter(self._cache)))
-            table = self.store.read_table(ref, ["embedding"])
-            self._cache[ref.file] = embedding_matrix(table.column("embedding"), self.dim)
-        return self._cache[ref.file][row]
 
 
 class Executor(Protocol):
@@ -223,8 +178,9 @@ class LocalExecutor:
         for item in items:
             inputs = [x for x in item.inputs if isinstance(x, CaptionInput)]
             hashes = [x.sha256 for x in inputs]
-            todo = [k for k, h in enumerate(hashes) if h not in stored]
-            ready: dict[int, np.ndarray] = {k: stored.get(h) for k, h in enumerate(hashes) if h in stored}
+            found = [stored.get(h) for h in hashes]
+            ready: dict[int, np.ndarray] = {k: v for k, v in enumerate(found) if v is not None}
+            todo = [k for k, v in enumerate(found) if v is None]
             truncated = np.zeros(len(inputs), dtype=bool)
             if ready:
                 reused = sorted(ready)
@@ -293,8 +249,8 @@ class _ImageRun:
             assert isinstance(x, ImageInput)
             flags = ("reduced_on_load",) if image.reduced else ()
             row = ImageRow(x.path, image.sha256, x.size, x.mtime_ns, image.width, image.height, flags)
-            if image.sha256 in self.stored:
-                yield from self._settle(image.index, row, self.stored.get(image.sha256), fresh=False)
+            if (vector := self.stored.get(image.sha256)) is not None:
+                yield from self._settle(image.index, row, vector, fresh=False)
             else:
                 self.rows[image.index] = row
                 self.waiting.append((image.index, group.pixels[k : k + 1].numpy()))

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from retrieval.build.commit import Committer, Target
 from retrieval.build.config import BuildConfig, BuildReport, CollectionReport
-from retrieval.build.execute import Executor, LocalExecutor, StoredVectors
+from retrieval.build.execute import Executor, LocalExecutor
 from retrieval.build.plan import CollectionPlan, plan_captions, plan_images, read_view
+from retrieval.build.stored import StoredVectors
 from retrieval.durable import file_sha256
 from retrieval.errors import BuildInterrupted, ConfigError, InputError, InputWarning
 from retrieval.ingest.sources import CAPTION_FORMATS, IMAGE_EXTENSIONS, ImageFile, walk_images

@@ -46,7 +46,10 @@ def index_build(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     index_type: Annotated[
-        str, typer.Option("--index-type", help="flat, ivf, hnsw, ivfpq or auto (by size and memory budget).")
+        str,
+        typer.Option(
+            "--index-type", help="flat, ivf, hnsw, ivfsq, ivfpq or auto (by size and memory budget)."
+        ),
     ] = "auto",
     target_recall: Annotated[
         float, typer.Option("--target-recall", help="Recall@10 against exact search the index is tuned to.")
