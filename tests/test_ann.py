@@ -29,6 +29,7 @@ from retrieval.ann.faiss_index import (
     resolve_budget,
     sample_vectors,
 )
+from retrieval.ann.rerank import Rerank, RerankWriter
 from retrieval.errors import ConfigError
 from retrieval.store.manifest import FileRef
 from retrieval.vectors import embedding_array
@@ -271,3 +272,27 @@ def test_sample_is_uniform_without_replacement_and_seeded(tmp_path: Path) -> Non
     assert np.array_equal(taken, again) and not np.array_equal(taken, other)
     every = sample_vectors(store, "images", 200_000, np.random.default_rng(7))[:, 0]
     assert np.array_equal(every, np.arange(100_000))
+
+
+def test_the_rerank_file_scores_the_same_read_by_pread_as_through_its_mapping(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    rows, dim = 3000, 32
+    ids = np.arange(0, 2 * rows, 2, dtype=np.int64)  # ascending, with gaps
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    path = tmp_path / "x.rerank"
+    writer = RerankWriter(path, rows, dim)
+    for start in range(0, rows, 1000):
+        writer(ids[start : start + 1000], vectors[start : start + 1000])
+    writer.close()
+    queries = rng.standard_normal((100, dim)).astype(np.float32)
+    candidates = rng.choice(ids, (100, 40))
+    candidates[:, -3:] = [-1, 1, 2 * rows + 2]  # none, and two ids the file does not hold
+    mapped = Rerank(path, rows, dim)(queries, candidates, 10)
+    read = Rerank(path, rows, dim, release=True)(queries, candidates, 10)
+    np.testing.assert_array_equal(read[0], mapped[0])
+    np.testing.assert_array_equal(read[1], mapped[1])
+    # Both are the exact scores of the best candidates the file holds.
+    held = np.where(np.isin(candidates, ids), candidates, -1)
+    scores = np.where(held >= 0, np.einsum("qcd,qd->qc", vectors[np.maximum(held, 0) // 2], queries), -np.inf)
+    np.testing.assert_allclose(read[1], -np.sort(-scores, axis=1)[:, :10], rtol=1e-5)
+    assert set(read[0].ravel()) <= set(ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from retrieval.build.commit import Committer, Target
 from retrieval.build.execute import ItemResult
+from retrieval.build.image_items import ImageItems
 from retrieval.build.plan import (
     CaptionInput,
     CaptionItems,
@@ -96,6 +98,67 @@ def test_the_planner_keeps_unchanged_rows_refreshes_touched_ones_and_deletes_the
     assert [(x.path, i) for item in plan.items for x, i in zip(item.inputs, item.ids, strict=True)] == [
         ("c.png", 4),
         ("new.png", 5),
+    ]
+
+
+def test_a_large_walk_is_planned_in_walk_order_against_the_indexed_rows(tmp_path: Path) -> None:
+    # More files than one chunk of the walk's columns, in folders whose walk order is not the
+    # paths' string order ("a/..." is walked before "a-b/..."): ids follow the walk.
+    walked = [ImageFile(f"a/{i:06d}.png", 10, i) for i in range(40_000)]
+    walked += [ImageFile(f"a-b/{i:06d}.png", 10, i) for i in range(40_000)]
+    indexed = walked[::2]  # every other file is indexed already, unchanged
+    rows = pa.table(
+        {
+            "id": list(range(len(indexed))),
+            "path": [f.path for f in indexed],
+            "sha256": ["s"] * len(indexed),
+            "size": [10] * len(indexed),
+            "mtime_ns": [f.mtime_ns for f in indexed],
+        }
+    )
+    state = CollectionState(next_id=len(indexed), root=str(tmp_path.resolve()))
+    plan = plan_images(
+        walked, tmp_path, CollectionView(state, rows, [], {}), item_size=4096, same_content=never
+    )
+    assert plan.deleted == [] and plan.restat == {}
+    assert plan.planned == 40_000 and len(plan.items) == 10
+    planned = [(i, x.path) for item in plan.items for i, x in zip(item.ids, item.inputs, strict=True)]
+    assert planned == [(len(indexed) + k, f.path) for k, f in enumerate(walked[1::2])]
+    assert plan_table(plan).column("path").to_pylist() == [f.path for f in walked[1::2]]
+
+
+def test_rows_under_a_folder_that_could_not_be_listed_stay(tmp_path: Path) -> None:
+    rows = pa.table(
+        {
+            "id": [0, 1, 2],
+            "path": ["locked/a.png", "open/b.png", "lockedness/c.png"],
+            "sha256": ["sa", "sb", "sc"],
+            "size": [1, 2, 3],
+            "mtime_ns": [1, 2, 3],
+        }
+    )
+    state = CollectionState(next_id=3, root=str(tmp_path.resolve()))
+    unlisted = Outcome("locked", "failed", "walk", "cannot list folder", Reason.CANNOT_LIST)
+    plan = plan_images(
+        [unlisted], tmp_path, CollectionView(state, rows, [], {}), item_size=4, same_content=never
+    )
+    assert sorted(plan.deleted) == [1, 2]  # "lockedness/" is not under "locked/"
+    assert plan.outcomes == [unlisted] and plan.planned == 0
+
+
+def test_compact_image_items_keep_the_numbers_of_items_given_as_objects() -> None:
+    items = [
+        WorkItem("images", 5, (50, 51), (ImageInput("x.png", 1, 2), ImageInput("y.png", 3, 4))),
+        WorkItem("images", 2, (20,), (ImageInput("z.png", 5, 6),)),
+    ]
+    compact = ImageItems.of(items)
+    assert list(compact) == items and compact.sizes == [2, 1]
+    assert compact.place(2) == (1, 0) and compact.input(1) == ImageInput("y.png", 3, 4)
+    files = pickle.loads(pickle.dumps(compact.files()))  # as decoding workers receive them
+    assert [files[k] for k in range(len(files))] == [
+        ImageFile("x.png", 1, 2),
+        ImageFile("y.png", 3, 4),
+        ImageFile("z.png", 5, 6),
     ]
 
 

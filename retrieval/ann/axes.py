@@ -18,6 +18,7 @@ __all__ = ["PrincipalAxes", "principal_axes"]
 
 _LEFT_OUT = 1e-5  # the share of the energy the kept axes may leave out
 _ALIGN = 8  # kept axes rounded up to a multiple of this: FAISS's SIMD scanners work 8 lanes at a time
+_MOMENT_BLOCK = 65_536  # sample rows summed into the second moment at a time
 
 
 class PrincipalAxes:
@@ -58,7 +59,12 @@ def principal_axes(sample: np.ndarray, left_out: float = _LEFT_OUT) -> Principal
     dim = sample.shape[1]
     if len(sample) == 0:
         return PrincipalAxes(np.eye(dim, dtype=np.float32), 1.0)
-    moment = (sample.T.astype(np.float64) @ sample.astype(np.float64)) / len(sample)
+    # Summed in float64 a block at a time: a float64 copy of the whole sample would double it.
+    moment = np.zeros((dim, dim), np.float64)
+    for start in range(0, len(sample), _MOMENT_BLOCK):
+        block = sample[start : start + _MOMENT_BLOCK].astype(np.float64)
+        moment += block.T @ block
+    moment /= len(sample)
     values, vectors = np.linalg.eigh(moment)
     order = np.argsort(values)[::-1]
     values, vectors = np.clip(values[order], 0, None), vectors[:, order]

@@ -7,20 +7,27 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import overload
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retrieval.build.items import CaptionInput, CollectionView, Reader, WorkItem, metadata_text, row_digest
+from retrieval.build.items import (
+    CaptionInput,
+    CollectionView,
+    Indexed,
+    Reader,
+    WorkItem,
+    metadata_text,
+    row_digest,
+)
 from retrieval.errors import InputError
 from retrieval.outcomes import Outcome
 
 __all__ = ["CaptionItems", "CaptionPlanning", "IndexedCaptions"]
 
 
-class CaptionItems(Sequence[WorkItem]):
+class CaptionItems(Indexed[WorkItem]):
     """A caption plan's work items, held as 28 bytes a planned row (its source, row number, key
     digest and id) and read again from the sources, one item at a time, when iterated.
 
@@ -56,14 +63,7 @@ class CaptionItems(Sequence[WorkItem]):
     def __len__(self) -> int:
         return len(self.cuts) - 1
 
-    @overload
-    def __getitem__(self, index: int) -> WorkItem: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[WorkItem]: ...
-    def __getitem__(self, index: int | slice) -> WorkItem | list[WorkItem]:
-        if isinstance(index, slice):
-            return list(self)[index]
-        number = range(len(self))[index]
+    def at(self, number: int) -> WorkItem:
         return next(islice(iter(self), number, None))
 
     def __iter__(self) -> Iterator[WorkItem]:

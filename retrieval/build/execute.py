@@ -21,7 +21,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from retrieval.build.plan import CaptionInput, CaptionItems, ImageInput, WorkItem, item_sizes
+from retrieval.build.image_items import ImageItems
+from retrieval.build.plan import CaptionInput, CaptionItems, WorkItem, item_sizes
 from retrieval.build.stored import StoredVectors
 from retrieval.ingest.reader import (
     DEFAULT_DECODE_TIMEOUT,
@@ -109,7 +110,7 @@ class LocalExecutor:
     ) -> Iterator[ItemResult]:
         if not len(items):
             return
-        collection = items.collection if isinstance(items, CaptionItems) else items[0].collection
+        collection = items.collection if isinstance(items, CaptionItems | ImageItems) else items[0].collection
         progress.start(collection, sum(item_sizes(items)))
         try:
             if collection == "images":
@@ -228,25 +229,22 @@ class _ImageRun:
     """
 
     def __init__(self, items: Sequence[WorkItem], stored: StoredVectors, progress: Progress) -> None:
-        self.where = [(item, k) for item in items for k in range(len(item.inputs))]
-        self.results = {item.number: ItemResult(item) for item in items}
+        self.items = items if isinstance(items, ImageItems) else ImageItems.of(items)
+        self.results: dict[int, ItemResult] = {}  # by position: items some input of which has settled
         self.stored = stored
         self.progress = progress
         self.rows: dict[int, ImageRow] = {}  # decoded, waiting for the model
         self.waiting: list[tuple[int, np.ndarray]] = []  # (input number, pixels (1, H, W, 3))
 
-    def files(self) -> list[ImageFile]:
-        inputs = [item.inputs[k] for item, k in self.where]
-        return [ImageFile(x.path, x.size, x.mtime_ns) for x in inputs if isinstance(x, ImageInput)]
+    def files(self) -> Sequence[ImageFile]:
+        return self.items.files()
 
     def take(self, group: DecodedGroup) -> Iterator[ItemResult]:
         """A decoded group: failures settle now, known content takes its stored vector."""
         for index, outcome in group.failures:
             yield from self._settle(index, outcome=outcome)
         for k, image in enumerate(group.images):
-            item, position = self.where[image.index]
-            x = item.inputs[position]
-            assert isinstance(x, ImageInput)
+            x = self.items.input(image.index)
             flags = ("reduced_on_load",) if image.reduced else ()
             row = ImageRow(x.path, image.sha256, x.size, x.mtime_ns, image.width, image.height, flags)
             if (vector := self.stored.get(image.sha256)) is not None:
@@ -276,8 +274,11 @@ class _ImageRun:
         outcome: Outcome | None = None,
         fresh: bool = False,
     ) -> Iterator[ItemResult]:
-        item, k = self.where[index]
-        result = self.results[item.number]
+        position, k = self.items.place(index)
+        result = self.results.get(position)
+        if result is None:
+            result = self.results[position] = ItemResult(self.items[position])
+        item = result.item
         if outcome is not None:
             result.outcomes.append(outcome)
         elif row is not None and vector is not None:
@@ -289,7 +290,7 @@ class _ImageRun:
         self.progress.advance(1)
         if result.settled == len(item.ids):
             result.complete = True
-            yield self.results.pop(item.number)
+            yield self.results.pop(position)
 
 
 def _until_stopped(groups: Iterator[DecodedGroup], stop: threading.Event | None) -> Iterator[DecodedGroup]:

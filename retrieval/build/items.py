@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import pyarrow as pa
 
@@ -20,6 +21,7 @@ __all__ = [
     "CaptionInput",
     "CollectionView",
     "ImageInput",
+    "Indexed",
     "Input",
     "Reader",
     "WorkItem",
@@ -104,3 +106,25 @@ def row_digest(text: str, image: str | None, metadata: str) -> int:
     """A caption row's key: 64 bits of the sha256 of what it reads (text, image, metadata)."""
     data = json.dumps([text, image, metadata]).encode()
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little", signed=True)
+
+
+T = TypeVar("T")
+
+
+class Indexed(Sequence[T]):
+    """A sequence whose elements are made when asked for (``at``), by number or slice."""
+
+    def at(self, number: int) -> T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        if isinstance(index, slice):
+            numbers = range(len(self))[index]
+            if numbers.step == 1:  # one pass: a caption plan's items are read in order
+                return list(islice(iter(self), numbers.start, numbers.stop))
+            return [self.at(k) for k in numbers]
+        return self.at(range(len(self))[index])

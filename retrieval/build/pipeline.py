@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from retrieval.build.commit import Committer, Target
@@ -22,8 +23,9 @@ from retrieval.build.plan import CollectionPlan, plan_captions, plan_images, rea
 from retrieval.build.stored import StoredVectors
 from retrieval.durable import file_sha256
 from retrieval.errors import BuildInterrupted, ConfigError, InputError, InputWarning
-from retrieval.ingest.sources import CAPTION_FORMATS, IMAGE_EXTENSIONS, ImageFile, walk_images
+from retrieval.ingest.sources import CAPTION_FORMATS, IMAGE_EXTENSIONS, ImageFile, SidecarFile, walk_images
 from retrieval.model.encoder import Encoder
+from retrieval.outcomes import Outcome
 from retrieval.progress import Progress, Silent
 from retrieval.store.folder import Store
 from retrieval.store.location import model_record
@@ -117,22 +119,28 @@ class _Run:
         if config.images is not None and not self.stopping:
             started = time.perf_counter()
             root = config.images
-            walked = list(walk_images(root))
-            if not any(isinstance(w, ImageFile) for w in walked):
-                kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
-                warnings.warn(
-                    f"no images in {root} (or its sub-folders) to index: looked for {kinds}",
-                    InputWarning,
-                    stacklevel=3,
-                )
+            images_found = 0
+
+            def walked() -> Iterator[ImageFile | SidecarFile | Outcome]:
+                nonlocal images_found
+                for w in walk_images(root):  # a stream: the planner keeps columns, not objects
+                    images_found += isinstance(w, ImageFile)
+                    yield w
 
             def same_content(path: str, sha256: str) -> bool:
                 return _same_content(root / path, sha256)
 
             view = read_view(self.target.view(), "images")
             plan = plan_images(
-                walked, root, view, item_size=config.image_shard_rows, same_content=same_content
+                walked(), root, view, item_size=config.image_shard_rows, same_content=same_content
             )
+            if not images_found:
+                kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+                warnings.warn(
+                    f"no images in {root} (or its sub-folders) to index: looked for {kinds}",
+                    InputWarning,
+                    stacklevel=3,
+                )
             sidecars = plan.sidecars
             reports["images"] = self.execute(plan, started)
         if self.stopping:

@@ -13,6 +13,7 @@ was never interrupted.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,11 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from retrieval.build.caption_items import CaptionItems, CaptionPlanning, IndexedCaptions
+from retrieval.build.image_items import ImageItems
 from retrieval.build.items import (
     CaptionInput,
     CollectionView,
     ImageInput,
-    Input,
     Reader,
     WorkItem,
     metadata_text,
@@ -69,7 +70,7 @@ class CollectionPlan:
     """One collection's build: the items to encode and what changes before and beside them."""
 
     collection: str
-    items: Sequence[WorkItem]  # images: a list; captions: CaptionItems, read when iterated
+    items: Sequence[WorkItem]  # ImageItems or CaptionItems: compact, an item made when taken
     deleted: list[int]  # ids leaving search: inputs gone or changed (committed before any item)
     restat: dict[int, tuple[int, int]]  # id -> new (size, mtime_ns): touched files, same content
     outcomes: list[Outcome]  # skipped and failed inputs known before encoding
@@ -88,7 +89,7 @@ class CollectionPlan:
 
 def item_sizes(items: Sequence[WorkItem]) -> list[int]:
     """How many inputs each item holds, without reading a caption plan's rows."""
-    if isinstance(items, CaptionItems):
+    if isinstance(items, CaptionItems | ImageItems):
         return items.sizes
     return [len(item.ids) for item in items]
 
@@ -126,16 +127,10 @@ def read_view(store: Store, collection: str) -> CollectionView:
 
 def plan_table(plan: CollectionPlan) -> pa.Table:
     """Each planned input with its id: what the store keeps while the plan is in progress."""
-    if isinstance(plan.items, CaptionItems):
-        return plan.items.table()
-    ids = [i for item in plan.items for i in item.ids]
-    inputs = [x for item in plan.items for x in item.inputs if isinstance(x, ImageInput)]
-    columns: dict[str, Any] = {
-        "path": [x.path for x in inputs],
-        "size": [x.size for x in inputs],
-        "mtime_ns": [x.mtime_ns for x in inputs],
-    }
-    return pa.table({"id": pa.array(ids, pa.int64()), **columns})
+    items = plan.items
+    if isinstance(items, CaptionItems | ImageItems):
+        return items.table()
+    return ImageItems.of(items).table()
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -151,60 +146,131 @@ def plan_images(
 ) -> CollectionPlan:
     """Plan an image folder against ``view``.
 
+    The walk is taken as a stream into columns, and compared with the indexed rows as one Arrow
+    join on the path: no Python object a file is kept, so a folder of tens of millions of images
+    plans in bounded memory (the walk's columns and the join, about 150 bytes a file).
     ``same_content(path, sha256)`` says whether a file whose mtime changed still has the bytes
     its row was made from (the pipeline hashes it; tests pass a fake).
     """
-    files: list[ImageFile] = []
+    found, sidecars, outcomes = _walked_columns(walked)
+    state = view.state
+    root_text = str(root.resolve())
+    replacing = state.root not in (None, root_text)  # the pipeline refused this unless asked
+    columns = {"path": ("path", pa.string()), "id": ("id", pa.int64())}
+    columns |= {"old_size": ("size", pa.int64()), "old_mtime": ("mtime_ns", pa.int64())}
+    indexed = pa.table({name: view.rows.column(c).cast(t) for name, (c, t) in columns.items()})
+    indexed = indexed.append_column("row", pa.array(np.arange(len(indexed), dtype=np.int64)))
+    joined = found.join(indexed.slice(0, 0) if replacing else indexed, keys="path", join_type="left outer")
+    joined = joined.take(pc.sort_indices(joined, [("at", "ascending")]))  # back in walk order
+
+    has_row = pc.is_valid(joined.column("id")).to_numpy(zero_copy_only=False)
+    size, mtime = (joined.column(c).to_numpy() for c in ("size", "mtime_ns"))
+    old_size, old_mtime = (joined.column(c).fill_null(-1).to_numpy() for c in ("old_size", "old_mtime"))
+    same_size = has_row & (old_size == size)
+    unchanged = same_size & (old_mtime == mtime)
+    planned = ~unchanged
+    stale: list[int] = [int(i) for i in view.rows.column("id").to_pylist()] if replacing else []
+    restat: dict[int, tuple[int, int]] = {}
+    ids = joined.column("id").fill_null(-1).to_numpy()
+    rows = joined.column("row").fill_null(-1).to_numpy()
+    hashes = view.rows.column("sha256")
+    paths = joined.column("path")
+    for k in np.flatnonzero(same_size & ~unchanged).tolist():
+        if same_content(paths[k].as_py(), hashes[int(rows[k])].as_py()):
+            restat[int(ids[k])] = (int(size[k]), int(mtime[k]))  # touched or copied: row and id stay
+            planned[k] = False
+    stale.extend(ids[planned & has_row].tolist())
+
+    # A failure whose file has not changed since is not tried again (unless its reason is retried).
+    previous = {o.source: o for o in view.outcomes if o.stage != "walk"}
+    if previous:
+        failed = pc.is_in(paths, value_set=pa.array(list(previous), pa.string())).to_numpy(
+            zero_copy_only=False
+        )
+        for k in np.flatnonzero(planned & failed).tolist():
+            before = previous[paths[k].as_py()]
+            if (before.size, before.mtime_ns) == (int(size[k]), int(mtime[k])) and not before.code.retried:
+                outcomes.append(before)
+                planned[k] = False
+
+    # Rows whose file is gone leave search, except under a folder that could not be listed this
+    # time: absent is not removed.
+    if not replacing:
+        gone = indexed.join(found.select(["path"]), keys="path", join_type="left anti")
+        unlisted = [
+            "" if o.source == "." else o.source + "/" for o in outcomes if o.code is Reason.CANNOT_LIST
+        ]
+        keep = np.zeros(len(gone), dtype=bool)
+        for prefix in unlisted:
+            keep |= pc.starts_with(gone.column("path"), prefix).to_numpy(zero_copy_only=False)
+        stale.extend(gone.column("id").filter(pa.array(~keep)).to_pylist())
+
+    take = pa.array(np.flatnonzero(planned))
+    items, next_id, kept = _image_items(
+        paths.take(take).combine_chunks(), size[planned], mtime[planned], view, item_size
+    )
+    return CollectionPlan(
+        "images", items, stale, restat, outcomes, next_id, root=root_text, sidecars=sidecars, kept_ids=kept
+    )
+
+
+_WALK_CHUNK = 65_536  # walked files gathered as Python objects before they become columns
+
+
+def _walked_columns(
+    walked: Iterable[ImageFile | SidecarFile | Outcome],
+) -> tuple[pa.Table, list[SidecarFile], list[Outcome]]:
+    """The walk's image files as a table (path, size, mtime_ns and ``at``, the walk position),
+    its sidecars and its outcomes."""
+    chunks: list[pa.Array] = []
+    paths: list[str] = []
+    sizes, mtimes = array("q"), array("q")
     sidecars: list[SidecarFile] = []
     outcomes: list[Outcome] = []
     for w in walked:
         if isinstance(w, ImageFile):
-            files.append(w)
+            paths.append(w.path)
+            sizes.append(w.size)
+            mtimes.append(w.mtime_ns)
+            if len(paths) == _WALK_CHUNK:
+                chunks.append(pa.array(paths, pa.string()))
+                paths = []
         elif isinstance(w, SidecarFile):
             sidecars.append(w)
         else:
             outcomes.append(w)
-    state = view.state
-    root_text = str(root.resolve())
-    replacing = state.root not in (None, root_text)  # the pipeline refused this unless asked
-    columns = (view.rows.column(c).to_pylist() for c in ("path", "id", "sha256", "size", "mtime_ns"))
-    current = {} if replacing else {p: (i, h, s, m) for p, i, h, s, m in zip(*columns, strict=True)}
-    previous = {o.source: o for o in view.outcomes if o.stage != "walk"}
-
-    planned: list[ImageInput] = []
-    stale: list[int] = [int(i) for i in view.rows.column("id").to_pylist()] if replacing else []
-    restat: dict[int, tuple[int, int]] = {}
-    seen = set()
-    for f in files:
-        seen.add(f.path)
-        row = current.get(f.path)
-        if row is not None and (row[2], row[3]) == (f.size, f.mtime_ns):
-            continue
-        if row is not None and row[2] == f.size and same_content(f.path, row[1]):
-            restat[row[0]] = (f.size, f.mtime_ns)  # touched or copied over: the row and id stay
-            continue
-        if row is not None:
-            stale.append(row[0])
-        before = previous.get(f.path)
-        if (
-            before is not None
-            and (before.size, before.mtime_ns) == (f.size, f.mtime_ns)
-            and not before.code.retried
-        ):
-            outcomes.append(before)  # its content failed and has not changed: not tried again
-            continue
-        planned.append(ImageInput(f.path, f.size, f.mtime_ns))
-    # A folder that could not be listed this time keeps its rows: absent is not removed.
-    unlisted = tuple(
-        "" if o.source == "." else o.source + "/" for o in outcomes if o.code is Reason.CANNOT_LIST
+    chunks.append(pa.array(paths, pa.string()))
+    count = len(sizes)
+    table = pa.table(
+        {
+            "path": pa.chunked_array(chunks, pa.string()),
+            "size": pa.array(np.frombuffer(sizes, np.int64) if count else np.empty(0, np.int64)),
+            "mtime_ns": pa.array(np.frombuffer(mtimes, np.int64) if count else np.empty(0, np.int64)),
+            "at": pa.array(np.arange(count, dtype=np.int64)),
+        }
     )
-    kept_away = unlisted or ("\0",)
-    stale.extend(i for p, (i, *_) in current.items() if p not in seen and not p.startswith(kept_away))
+    return table, sidecars, outcomes
 
-    items, next_id, kept = _items("images", planned, view, item_size)
-    return CollectionPlan(
-        "images", items, stale, restat, outcomes, next_id, root=root_text, sidecars=sidecars, kept_ids=kept
-    )
+
+def _image_items(
+    paths: pa.Array, sizes: np.ndarray, mtimes: np.ndarray, view: CollectionView, size: int
+) -> tuple[ImageItems, int, int]:
+    """Give each planned file its id (reserved by an earlier plan, else the next free one)."""
+    next_id = view.state.next_id
+    ids = np.arange(next_id, next_id + len(paths), dtype=np.int64)
+    kept = 0
+    if view.reserved:
+        reserved = dict(view.reserved)
+        ids = np.empty(len(paths), np.int64)
+        for k, path in enumerate(paths.to_pylist()):
+            reused = reserved.pop((path, int(sizes[k]), int(mtimes[k])), None)
+            if reused is None:
+                reused, next_id = next_id, next_id + 1
+            else:
+                kept += 1
+            ids[k] = reused
+        return ImageItems(paths, sizes, mtimes, ids, size), next_id, kept
+    return ImageItems(paths, sizes, mtimes, ids, size), next_id + len(paths), kept
 
 
 # -- captions ----------------------------------------------------------------------------------
@@ -323,33 +389,6 @@ def plan_captions(
         waiting=waiting,
         kept_ids=planning.kept,
     )
-
-
-def _items(
-    collection: str, planned: Sequence[Input], view: CollectionView, size: int
-) -> tuple[list[WorkItem], int, int]:
-    """Give each planned input its id (reserved earlier, else the next free one) and cut items of
-    ``size`` inputs."""
-    reserved = dict(view.reserved)
-    next_id = view.state.next_id
-    ids, kept = [], 0
-    for x in planned:
-        reused = reserved.pop(x.key, None)
-        if reused is None:
-            reused, next_id = next_id, next_id + 1
-        else:
-            kept += 1
-        ids.append(reused)
-    cuts = [0]
-    for k in range(1, len(planned)):
-        if k - cuts[-1] >= size:
-            cuts.append(k)
-    bounds = list(zip(cuts, [*cuts[1:], len(planned)], strict=True)) if planned else []
-    items = [
-        WorkItem(collection, number, tuple(ids[a:b]), tuple(planned[a:b]))
-        for number, (a, b) in enumerate(bounds)
-    ]
-    return items, next_id, kept
 
 
 def _plan_key(collection: str, entry: dict[str, Any]) -> tuple[Any, ...]:
