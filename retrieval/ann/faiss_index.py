@@ -39,7 +39,7 @@ import faiss
 import numpy as np
 
 from retrieval.ann.axes import PrincipalAxes, principal_axes
-from retrieval.ann.exact import exact_search, recall_at, recall_within_ties
+from retrieval.ann.exact import recall_at, recall_within_ties
 from retrieval.ann.rerank import Rerank, RerankWriter
 from retrieval.ann.sampling import live_count, live_vectors, sample_vectors, store_dim
 from retrieval.ann.sizing import (
@@ -51,6 +51,7 @@ from retrieval.ann.sizing import (
     pq_m,
     resolve_budget,
 )
+from retrieval.ann.tuning import HNSW_STEPS, TIE_DEPTH, exact_truth, latency_ms, tune
 from retrieval.durable import atomic_write
 from retrieval.errors import ConfigError, StoreError
 from retrieval.store.folder import Store
@@ -76,12 +77,6 @@ __all__ = [
 
 IndexKind = Literal["flat", "ivf", "hnsw", "ivfsq", "ivfpq", "auto"]
 _RERANKED = ("ivfsq", "ivfpq")  # kinds whose codes find candidates for an exact re-rank from a file
-_IVF_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-_HNSW_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
-# The compressed kinds re-rank k * factor candidates; the factor is tuned with nprobe. IVF-SQ's 8-bit
-# codes rank nearly as the vectors do; IVF-PQ's 4-bit codes need many more candidates.
-_REFINE_FACTORS = {"ivfsq": (1, 2, 4, 8), "ivfpq": (4, 16, 64, 256)}
-_TIE_DEPTH = 10  # exact neighbours kept past k, so that a found one tied with the k-th counts
 
 
 @dataclass(frozen=True)
@@ -280,52 +275,6 @@ class SearchIndex:
         return faiss.SearchParameters(sel=selector) if selector is not None else None
 
 
-def _exact(store: Store, collection: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ids and scores of the exact top-k of ``queries``, streamed block by block over the shards."""
-    return exact_search(queries, live_vectors(store, collection, block=8192), k)
-
-
-def _tune(
-    index: SearchIndex,
-    queries: np.ndarray,
-    truth: tuple[np.ndarray, np.ndarray],
-    k: int,
-    target: float,
-    limit: int,
-    skip: int = 0,
-) -> tuple[int | None, int | None, float]:
-    """The cheapest (value, refine) whose recall@k reaches ``target`` (else the most thorough).
-
-    The measured recall must clear the target by two standard errors of its own estimate, so that
-    the choice holds on queries other than the ones it was tuned with. ``skip``: leading columns
-    of both lists not scored (1: the queries are rows of the index, and find themselves first).
-    """
-    margin = 2 * np.sqrt(target * (1 - target) / max(len(queries) * k, 1))
-    steps = [s for s in (_HNSW_STEPS if index.kind == "hnsw" else _IVF_STEPS) if s <= limit] or [limit]
-    factors: tuple[int | None, ...] = _REFINE_FACTORS.get(index.kind, (None,))
-    # Cost grows with both: the lists scanned, and the candidates re-ranked.
-    trials = sorted(((v, f) for v in steps for f in factors), key=lambda t: t[0] * (t[1] or 1) ** 0.5)
-    best = (trials[-1][0], trials[-1][1], -1.0)
-    for value, factor in trials:
-        index.refine = factor
-        ids, _ = index.search(queries, k + skip, value=value)
-        recall = recall_within_ties(ids[:, skip:], truth[0][:, skip:], truth[1][:, skip:])
-        if recall >= min(target + margin, 1.0):
-            return value, factor, recall
-        if recall > best[2]:
-            best = (value, factor, recall)
-    return best
-
-
-def _latency_ms(index: SearchIndex, queries: np.ndarray, k: int) -> float:
-    times = []
-    for q in queries[:100]:
-        start = time.perf_counter()
-        index.search(q[None, :], k)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
-
-
 def build_collection_index(
     store: Store, collection: str, config: IndexConfig, queries: np.ndarray | None, queries_from: str
 ) -> IndexRecord | None:
@@ -384,17 +333,17 @@ def build_collection_index(
         queries = queries[rng.permutation(len(queries))[: config.tuning_queries]]
     skip = 1 if queries_from == "self" and n > 1 else 0
     k = min(10, n - skip)
-    truth = _exact(store, collection, queries, min(k + skip + _TIE_DEPTH, n))
+    truth = exact_truth(store, collection, queries, min(k + skip + TIE_DEPTH, n))
     value: int | None = None
     refine: int | None = None
     if param is None:
         found, _ = search_index.search(queries, k + skip)
         recall = recall_within_ties(found[:, skip:], truth[0][:, skip:], truth[1][:, skip:])
     else:
-        limit = plan.nlist if kind in ("ivf", *_RERANKED) else max(_HNSW_STEPS)
-        value, refine, recall = _tune(search_index, queries, truth, k, config.target_recall, limit, skip)
+        limit = plan.nlist if kind in ("ivf", *_RERANKED) else max(HNSW_STEPS)
+        value, refine, recall = tune(search_index, queries, truth, k, config.target_recall, limit, skip)
         search_index.value, search_index.refine = value, refine
-    latency = _latency_ms(search_index, queries, k)
+    latency = latency_ms(search_index, queries, k)
 
     name = f"{stem}.faiss"
     atomic_write(store.folder / name, lambda tmp: faiss.write_index(index, str(tmp)))

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from retrieval.build.items import (
     CaptionInput,
     CollectionView,
-    Indexed,
+    CutItems,
     Reader,
     WorkItem,
     metadata_text,
@@ -27,7 +27,7 @@ from retrieval.outcomes import Outcome
 __all__ = ["CaptionItems", "CaptionPlanning", "IndexedCaptions"]
 
 
-class CaptionItems(Indexed[WorkItem]):
+class CaptionItems(CutItems):
     """A caption plan's work items, held as 28 bytes a planned row (its source, row number, key
     digest and id) and read again from the sources, one item at a time, when iterated.
 
@@ -55,13 +55,6 @@ class CaptionItems(Indexed[WorkItem]):
         self.digests = digests
         self.ids = ids
         self.cuts = cuts  # positions where items start, then the number of planned rows
-
-    @property
-    def sizes(self) -> list[int]:
-        return [int(n) for n in np.diff(self.cuts)]
-
-    def __len__(self) -> int:
-        return len(self.cuts) - 1
 
     def at(self, number: int) -> WorkItem:
         return next(islice(iter(self), number, None))

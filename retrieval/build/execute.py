@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from retrieval.build.image_items import ImageItems
-from retrieval.build.plan import CaptionInput, CaptionItems, WorkItem, item_sizes
+from retrieval.build.items import CutItems
+from retrieval.build.plan import CaptionInput, WorkItem, item_sizes
 from retrieval.build.stored import StoredVectors
 from retrieval.ingest.reader import (
     DEFAULT_DECODE_TIMEOUT,
@@ -110,7 +111,7 @@ class LocalExecutor:
     ) -> Iterator[ItemResult]:
         if not len(items):
             return
-        collection = items.collection if isinstance(items, CaptionItems | ImageItems) else items[0].collection
+        collection = items.collection if isinstance(items, CutItems) else items[0].collection
         progress.start(collection, sum(item_sizes(items)))
         try:
             if collection == "images":

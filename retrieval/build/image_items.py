@@ -13,13 +13,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from retrieval.build.items import ImageInput, Indexed, WorkItem
+from retrieval.build.items import CutItems, ImageInput, Indexed, WorkItem
 from retrieval.ingest.sources import ImageFile
 
 __all__ = ["ImageItems"]
 
 
-class ImageItems(Indexed[WorkItem]):
+class ImageItems(CutItems):
     """An image plan's work items: the planned files in plan order, cut into items at ``cuts``."""
 
     collection = "images"
@@ -53,13 +53,6 @@ class ImageItems(Indexed[WorkItem]):
         compact.cuts = np.cumsum([0, *(len(item.ids) for item in items)]).astype(np.int64)
         compact.numbers = [item.number for item in items]
         return compact
-
-    @property
-    def sizes(self) -> list[int]:
-        return [int(n) for n in np.diff(self.cuts)]
-
-    def __len__(self) -> int:
-        return len(self.cuts) - 1
 
     def at(self, number: int) -> WorkItem:
         a, b = int(self.cuts[number]), int(self.cuts[number + 1])

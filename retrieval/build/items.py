@@ -11,6 +11,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+import numpy as np
 import pyarrow as pa
 
 from retrieval.ingest.sources import CaptionRecord
@@ -20,6 +21,7 @@ from retrieval.store.manifest import CollectionState
 __all__ = [
     "CaptionInput",
     "CollectionView",
+    "CutItems",
     "ImageInput",
     "Indexed",
     "Input",
@@ -128,3 +130,22 @@ class Indexed(Sequence[T]):
                 return list(islice(iter(self), numbers.start, numbers.stop))
             return [self.at(k) for k in numbers]
         return self.at(range(len(self))[index])
+
+
+class CutItems(Indexed[WorkItem]):
+    """A plan's work items held as columns of planned inputs, cut into items where ``cuts`` say:
+    the position each item starts at, then the number of planned inputs."""
+
+    collection: str
+    cuts: np.ndarray
+
+    def table(self) -> pa.Table:
+        """Each planned input with its id: what the store keeps while the plan is in progress."""
+        raise NotImplementedError
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(n) for n in np.diff(self.cuts)]
+
+    def __len__(self) -> int:
+        return len(self.cuts) - 1

@@ -28,6 +28,7 @@ from retrieval.build.image_items import ImageItems
 from retrieval.build.items import (
     CaptionInput,
     CollectionView,
+    CutItems,
     ImageInput,
     Reader,
     WorkItem,
@@ -89,7 +90,7 @@ class CollectionPlan:
 
 def item_sizes(items: Sequence[WorkItem]) -> list[int]:
     """How many inputs each item holds, without reading a caption plan's rows."""
-    if isinstance(items, CaptionItems | ImageItems):
+    if isinstance(items, CutItems):
         return items.sizes
     return [len(item.ids) for item in items]
 
@@ -128,7 +129,7 @@ def read_view(store: Store, collection: str) -> CollectionView:
 def plan_table(plan: CollectionPlan) -> pa.Table:
     """Each planned input with its id: what the store keeps while the plan is in progress."""
     items = plan.items
-    if isinstance(items, CaptionItems | ImageItems):
+    if isinstance(items, CutItems):
         return items.table()
     return ImageItems.of(items).table()
 
