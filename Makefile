@@ -16,7 +16,7 @@ endif
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test test-slow lint bench demo clean
+.PHONY: install browser test test-slow lint bench demo serve clean
 
 install: $(STAMP)
 	@echo "installed in $(VENV)/: run 'source $(VENV)/bin/activate' to put index, search and retrieval on your PATH"
@@ -26,6 +26,13 @@ $(STAMP): pyproject.toml
 	$(if $(TORCH_SPEC),$(BIN)/pip install --quiet "$(TORCH_SPEC)")
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# The web UI's browser test drives Debian's Chromium through chromium-driver (skipped without them).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then echo "chromium: $$(chromium --version)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "install chromium and chromium-driver (as root: apt-get install chromium chromium-driver)"; fi
 
 lint: install
 	$(BIN)/ruff check .
@@ -76,6 +83,10 @@ $(DEMO_CHECKPOINT): | $(DEMO_TEXT)
 	$(BIN)/retrieval train --pairs data/train.csv --out $(DEMO_RUN) --text-model $(DEMO_TEXT) \
 		--vision-model $(DEMO_VISION) --freeze-text --freeze-text-projection --augment --epochs 40 --batch-size 64 \
 		--lr 1e-3 --warmup 50 --schedule cosine --seed 0
+
+# The service and its web UI over the demo index: http://127.0.0.1:8000/
+serve: demo
+	$(BIN)/retrieval serve --index $(DEMO_INDEX)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

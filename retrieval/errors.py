@@ -20,6 +20,7 @@ __all__ = [
     "StaleIndexWarning",
     "StoreError",
     "TruncationWarning",
+    "UnknownIdError",
 ]
 
 
@@ -41,6 +42,10 @@ class CheckpointError(RetrievalError):
 
 class InputError(RetrievalError):
     """A user input (image, caption, file) cannot be used."""
+
+
+class UnknownIdError(InputError):
+    """An id that is not a live row of the collection it was looked up in."""
 
 
 class BuildInterrupted(RetrievalError):

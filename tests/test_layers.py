@@ -24,7 +24,9 @@ LAYERS = {
     "search": 5,
     "evaluation": 6,
     "training": 6,
-    "cli": 7,
+    "service": 7,
+    "client": 7,
+    "cli": 8,
 }
 
 

@@ -7,6 +7,7 @@ phone photo stays sideways without its EXIF orientation. This module does each o
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image, ImageOps
 
 from retrieval.errors import InputError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "open_image", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "decode_image", "open_image", "to_rgb"]
 
 # Just under Pillow's own decompression-bomb error (2 x MAX_IMAGE_PIXELS): 13k x 13k, enough for
 # scans and panoramas, and about 0.5 GB decoded.
@@ -60,15 +61,23 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     Raises ``InputError`` for a missing, unreadable or truncated file, or one above
     ``max_pixels`` (checked from the header, before the pixels are decoded).
     """
-    path = Path(path)
+    return _decode(Path(path), str(path), max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    """``open_image`` for an encoded image held in memory (an upload); ``name`` labels its errors."""
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # The limit is ours (max_pixels): Pillow's softer warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise InputError(f"{path}: {width}x{height} exceeds the {max_pixels:,}-pixel limit")
+                    raise InputError(f"{name}: {width}x{height} exceeds the {max_pixels:,}-pixel limit")
                 image.seek(0)
                 image.load()
                 upright = ImageOps.exif_transpose(image)
@@ -76,6 +85,6 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except InputError:
         raise
     except Image.DecompressionBombError as e:
-        raise InputError(f"{path}: exceeds the pixel limit: {e}") from e
+        raise InputError(f"{name}: exceeds the pixel limit: {e}") from e
     except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{path}: cannot decode image: {e}") from e
+        raise InputError(f"{name}: cannot decode image: {e}") from e

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,7 @@ from retrieval.errors import (
     StaleIndexWarning,
     StoreError,
     TruncationWarning,
+    UnknownIdError,
 )
 from retrieval.model.encoder import Encoder, ImageInput
 from retrieval.search.filters import Where, matching_ids, needed_columns, parse_where
@@ -35,6 +36,7 @@ from retrieval.search.rowsource import RowSource
 from retrieval.store.folder import Store
 from retrieval.store.location import ModelPaths, remember_model
 from retrieval.store.manifest import Manifest
+from retrieval.vectors import embedding_matrix
 
 __all__ = ["Hit", "Retriever", "Target", "parse_where"]
 
@@ -171,6 +173,13 @@ class Retriever:
             self._sources[target] = RowSource(self.store, target, _ROW_COLUMNS[target])
         return self._sources[target]
 
+    def _vector_source(self, collection: Target) -> RowSource:
+        key = f"{collection}/embedding"
+        if key not in self._sources:
+            # Vectors are 1 KB a row at 256-d: a few files kept, not the result columns' 256.
+            self._sources[key] = RowSource(self.store, collection, ["embedding"], cached_files=8)
+        return self._sources[key]
+
     def rows(self, target: Target) -> _Rows:
         """Every row of ``target`` (result columns), read whole: for evaluation over a collection.
         Searches read only their hits' rows (``source``)."""
@@ -191,6 +200,48 @@ class Retriever:
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         return self.encoder.encode_images(images)
+
+    # -- rows by id --------------------------------------------------------------------------------
+
+    def contains(self, ids: Sequence[int] | np.ndarray, collection: Target = "images") -> np.ndarray:
+        """bool (n,): whether each of ``ids`` is a live row of ``collection``."""
+        return self.source(_target(collection)).contains(np.asarray(ids, dtype=np.int64))
+
+    def vectors(self, ids: Sequence[int] | np.ndarray, collection: Target = "images") -> np.ndarray:
+        """The stored vectors of ``ids`` -> float32 (n, D), unit norm; ``InputError`` names any id
+        that is not a live row of ``collection``."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self._require(ids, collection)
+        dim = int(self.manifest.model["fingerprint"]["dim"])
+        column = self._vector_source(collection).take(ids).column("embedding")
+        return embedding_matrix(column, dim)
+
+    def item(self, id: int, collection: Target = "images") -> dict[str, Any]:
+        """One live row as results show it (``id``, ``path`` or ``text``, its fields)."""
+        self._require(np.array([id], dtype=np.int64), collection)
+        hit = self.hits(np.array([id], dtype=np.int64), np.array([1.0], np.float32), collection)[0]
+        out = hit.to_dict()
+        del out["rank"], out["score"]
+        return {"collection": collection} | out
+
+    def image_file(self, id: int, root: str | Path | None = None) -> Path:
+        """The file an image row names, under ``root`` (default: the folder it was indexed from).
+
+        Only a row's own path is ever joined to the root, and one that would leave it (absolute,
+        or climbing with ``..``) is refused: callers serve files by id, never by a path they were sent.
+        """
+        self._require(np.array([id], dtype=np.int64), "images")
+        relative = str(self.source("images").take(np.array([id], dtype=np.int64)).column("path")[0])
+        base = Path(root if root is not None else self.store.state("images").root or ".").resolve()
+        path = (base / relative).resolve()
+        if Path(relative).is_absolute() or not path.is_relative_to(base):
+            raise InputError(f"image {id}: its path {relative!r} leaves the image folder")
+        return path
+
+    def _require(self, ids: np.ndarray, collection: Target) -> None:
+        missing = ids[~self.contains(ids, collection)]
+        if len(missing):
+            raise UnknownIdError(f"no {collection} with id {', '.join(map(str, missing[:5].tolist()))}")
 
     # -- search ------------------------------------------------------------------------------------
 

@@ -30,8 +30,11 @@ _CACHED_FILES = 256  # data files kept read (a few MB each at most, result colum
 class RowSource:
     """Rows of ``collection`` in ``store`` by id; ``columns`` are those a result carries."""
 
-    def __init__(self, store: Store, collection: str, columns: Sequence[str]) -> None:
+    def __init__(
+        self, store: Store, collection: str, columns: Sequence[str], cached_files: int = _CACHED_FILES
+    ) -> None:
         self.store = store
+        self.cached_files = cached_files
         self.collection = collection
         self.columns = ["id", *(c for c in columns if c != "id")]
         self.files: tuple[FileRef, ...] = store.state(collection).shards
@@ -67,6 +70,23 @@ class RowSource:
         table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
         return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """bool (n,): whether each of ``ids`` is a row of the collection."""
+        ids = np.asarray(ids, dtype=np.int64)
+        found = np.zeros(len(ids), dtype=bool)
+        if self._starts is None or self._lasts is None:
+            sorted_ids = self._whole()[0]
+            positions = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
+            return sorted_ids[positions] == ids if len(sorted_ids) else found
+        where = np.searchsorted(self._starts, ids, side="right") - 1
+        for number in np.unique(where[where >= 0]):
+            chosen = np.flatnonzero((where == number) & (ids <= self._lasts[number]))
+            file_ids = self._file(self.files[number])[0] if len(chosen) else ()
+            if len(file_ids):
+                positions = np.minimum(np.searchsorted(file_ids, ids[chosen]), len(file_ids) - 1)
+                found[chosen] = file_ids[positions] == ids[chosen]
+        return found
+
     def scan(self, columns: Sequence[str]) -> Iterator[pa.Table]:
         """Each data file's ``columns`` (and ``id``), one file at a time."""
         wanted = ["id", *(c for c in columns if c != "id")]
@@ -86,7 +106,7 @@ class RowSource:
         entry = (ids, table.combine_chunks())
         with self._lock:
             self._cache[ref.file] = entry
-            while len(self._cache) > _CACHED_FILES:
+            while len(self._cache) > self.cached_files:
                 self._cache.popitem(last=False)
         return entry
 

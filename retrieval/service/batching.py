@@ -1,0 +1,102 @@
+"""Coalescing: concurrent requests' queries gathered into one batch for the model thread.
+
+A query waits at most ``max_wait`` seconds (counted from when the oldest waiting query arrived)
+for others to join it, and a batch holds at most ``max_batch`` queries. Batches run one at a time
+on a single worker thread that owns the model and FAISS (so their own thread pools are never
+oversubscribed); while one runs, the next gathers, so under load batches grow by themselves and
+at low load a query waits only ``max_wait``. ``max_batch=1`` turns coalescing off: each query
+runs alone, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Generic, TypeVar
+
+__all__ = ["Coalescer"]
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Coalescer(Generic[Item, Result]):
+    """``await submit(item)`` -> its result from ``run(batch)`` (a list, one result or exception
+    per item, in order), run on ``executor``."""
+
+    def __init__(
+        self,
+        run: Callable[[Sequence[Item]], Sequence[Result | Exception]],
+        executor: Executor,
+        *,
+        max_batch: int,
+        max_wait: float,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.run, self.executor = run, executor
+        self.max_batch, self.max_wait = max_batch, max_wait
+        self.on_batch = on_batch or (lambda size: None)
+        self._waiting: list[tuple[Item, asyncio.Future[Result], float]] = []
+        self._running: list[asyncio.Future[Result]] = []  # the batch on the worker thread now
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._gather())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for future in [*self._running, *(f for _, f, _ in self._waiting)]:
+            if not future.done():
+                future.set_exception(RuntimeError("the service is shutting down"))
+        self._waiting.clear()
+        self._running = []
+
+    async def submit(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future, time.monotonic()))
+        self._arrived.set()
+        return await future
+
+    async def submit_many(self, items: Sequence[Item]) -> list[Result | BaseException]:
+        """Several items at once (a batch request): they join batches like any others."""
+        return await asyncio.gather(*(self.submit(item) for item in items), return_exceptions=True)
+
+    async def _gather(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = self._waiting[0][2] + self.max_wait
+            while len(self._waiting) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), left)
+            batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+            live = [(item, future) for item, future, _ in batch if not future.done()]  # not cancelled
+            if not live:
+                continue
+            self.on_batch(len(live))
+            self._running = [future for _, future in live]
+            try:
+                results = await loop.run_in_executor(self.executor, self.run, [item for item, _ in live])
+            except Exception as e:
+                results = [e] * len(live)
+            self._running = []  # (left set when cancelled: stop() fails them)
+            for (_, future), result in zip(live, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
