@@ -294,6 +294,8 @@ def test_unsafe_or_unusable_settings_are_refused(built: BuildConfig) -> None:
         serve_config(built.out, cors_origins=("*",)).check()
     with pytest.raises(ConfigError, match="max-batch"):
         serve_config(built.out, max_batch=0).check()
+    with pytest.raises(ConfigError, match="no such folder"):
+        serve_config(built.out / "missing").check()
 
 
 def test_cors_is_off_unless_asked(built: BuildConfig, client_of) -> None:
@@ -433,3 +435,20 @@ def test_decode_refuses_what_the_indexer_refuses() -> None:
         decode_image(b"GIF89a broken", name="upload")
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert decode_image(png_bytes(rgba)).getpixel((0, 0)) == (255, 255, 255)  # alpha over white
+
+
+def test_the_serve_command_refuses_bad_settings_in_one_line(
+    built: BuildConfig, tmp_path: Path, capsys
+) -> None:
+    from retrieval.cli import app, run
+
+    for args, message in [
+        (["--index", str(tmp_path / "missing")], "no such folder"),
+        (["--index", str(built.out), "--host", "0.0.0.0"], "--api-key"),
+        (["--index", str(built.out), "--max-batch", "0"], "--max-batch must be at least 1"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            run(app, ["serve", *args])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and err.startswith("error:") and "Traceback" not in err

@@ -43,6 +43,9 @@ class ServeConfig:
     def check(self) -> ServeConfig:
         if not self.indexes:
             raise ConfigError("give at least one --index folder")
+        for folder in self.indexes:
+            if not Path(folder).is_dir():
+                raise ConfigError(f"--index {folder}: no such folder (build one with `index build`)")
         if not is_loopback(self.host) and not self.api_key and not self.insecure:
             raise ConfigError(
                 f"--host {self.host} listens beyond this machine: set --api-key (or {API_KEY_VARIABLE}), "
