@@ -299,12 +299,12 @@ def test_unsafe_or_unusable_settings_are_refused(built: BuildConfig) -> None:
 
 
 def test_cors_is_off_unless_asked(built: BuildConfig, client_of) -> None:
-    preflight = {"Origin": "http://elsewhere.test", "Access-Control-Request-Method": "POST"}
+    preflight = {"Origin": "http://127.0.0.1:3000", "Access-Control-Request-Method": "POST"}
     closed = client_of(serve_config(built.out))
     assert "access-control-allow-origin" not in closed.options("/v1/search", headers=preflight).headers
-    opened = client_of(serve_config(built.out, cors_origins=("http://elsewhere.test",)))
+    opened = client_of(serve_config(built.out, cors_origins=("http://127.0.0.1:3000",)))
     allowed = opened.options("/v1/search", headers=preflight)
-    assert allowed.headers["access-control-allow-origin"] == "http://elsewhere.test"
+    assert allowed.headers["access-control-allow-origin"] == "http://127.0.0.1:3000"
 
 
 @pytest.mark.damages_stores

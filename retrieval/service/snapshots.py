@@ -15,6 +15,7 @@ loaded once, and released when no snapshot uses it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -97,12 +98,12 @@ class Snapshot:
     def manifest(self) -> Manifest:
         return self.retriever.manifest
 
-    @property
+    @functools.cached_property
     def collections(self) -> list[Target]:
         """The collections with a FAISS index in this version."""
         return [c for c in ("images", "captions") if self.retriever.store.state(c).index is not None]
 
-    @property
+    @functools.cached_property
     def version(self) -> dict[str, Any]:
         """What a response names as the version it used: the catalog generation, each table's version."""
         states = self.manifest.collections
@@ -256,14 +257,16 @@ class LiveIndex:
         for c in snapshot.collections:
             state = store.state(c)
             record = state.index
+            if record is None:  # never: a snapshot's collections are those with an index
+                continue
             collections[c] = {
                 "rows": snapshot.retriever.size(c),
                 "table_version": state.version,
-                "kind": record.kind if record else None,
-                "param": record.param if record else None,
-                "value": record.value if record else None,
-                "recall_at_10": record.recall_at_10 if record else None,
-                "queries": record.queries if record else None,
+                "kind": record.kind,
+                "param": record.param,
+                "value": record.value,
+                "recall_at_10": record.recall_at_10,
+                "queries": record.queries,
             }
         return out | {
             "loaded": True,

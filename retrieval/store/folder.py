@@ -5,7 +5,8 @@ Layout::
     DIR/catalog.json                     model, FAISS index files (sha256, table version), rebuild
     DIR/images/                          a Delta table: shard-<first id>-v<version>.parquet files
     DIR/images/_delta_log/               its transaction log (the commit point of every row change)
-    DIR/images/_retrieval/               the engine's own files: outcomes, build plans, FAISS indexes
+    DIR/images/_retrieval/               the engine's own files: outcomes, build plans
+    DIR/faiss/                           the FAISS index files (and re-rank files) the catalog names
     DIR/captions/...                     the same for captions
     DIR/_rebuild/images/, ...            the tables of a --rebuild in progress
     DIR/.lock                            one writer at a time
