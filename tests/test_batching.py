@@ -34,12 +34,14 @@ async def submit_all(coalescer: Coalescer, items: list[int], spacing: float = 0.
     return await asyncio.gather(*(one(i, n * spacing) for n, i in enumerate(items)), return_exceptions=True)
 
 
-def run(max_batch: int, max_wait: float, items: list[int], spacing: float = 0.0) -> tuple[list, Doubler]:
+def run(
+    max_batch: int, max_wait: float, items: list[int], spacing: float = 0.0, quiet: float | None = None
+) -> tuple[list, Doubler]:
     doubler = Doubler()
 
     async def main() -> list:
         with ThreadPoolExecutor(1) as pool:
-            coalescer = Coalescer(doubler, pool, max_batch=max_batch, max_wait=max_wait)
+            coalescer = Coalescer(doubler, pool, max_batch=max_batch, max_wait=max_wait, quiet=quiet)
             coalescer.start()
             try:
                 return await submit_all(coalescer, items, spacing)
@@ -62,6 +64,22 @@ def test_a_lone_item_waits_at_most_max_wait() -> None:
     results, doubler = run(max_batch=64, max_wait=0.03, items=[5])
     assert results == [10] and doubler.batches == [[5]]
     assert time.perf_counter() - started < 5  # bounded; the exact wait is the benchmark's business
+
+
+def test_a_burst_joins_one_batch_and_a_lone_item_waits_only_the_quiet_gap() -> None:
+    # Items 2 ms apart, a 100 ms quiet gap: the model is free, yet they all join one batch.
+    results, doubler = run(max_batch=64, max_wait=5.0, items=list(range(10)), spacing=0.002, quiet=0.1)
+    assert results == [2 * i for i in range(10)] and doubler.batches == [list(range(10))]
+    started = time.perf_counter()
+    results, doubler = run(max_batch=64, max_wait=30.0, items=[7], quiet=0.01)
+    assert results == [14] and time.perf_counter() - started < 15  # the quiet gap, not max_wait
+
+
+def test_max_wait_bounds_a_steady_trickle() -> None:
+    # An item every 10 ms never leaves a 1 s lull: max_wait (50 ms) alone cuts the batches.
+    results, doubler = run(max_batch=64, max_wait=0.05, items=list(range(30)), spacing=0.01, quiet=1.0)
+    assert results == [2 * i for i in range(30)]
+    assert len(doubler.batches) >= 3 and max(len(b) for b in doubler.batches) < 30
 
 
 def test_one_failing_item_fails_alone() -> None:

@@ -38,7 +38,10 @@ BatchOpt = Annotated[
     int, typer.Option("--max-batch", help="Queries coalesced into one batch at most (1: off).")
 ]
 WaitOpt = Annotated[
-    float, typer.Option("--max-wait-ms", help="How long a query waits for others to join it.")
+    float, typer.Option("--max-wait-ms", help="The longest a query waits for others once the model is free.")
+]
+QuietOpt = Annotated[
+    float, typer.Option("--quiet-ms", help="A batch starts after this long without a new query.")
 ]
 MaxKOpt = Annotated[int, typer.Option("--max-k", help="The largest k a request may ask for.")]
 UploadOpt = Annotated[float, typer.Option("--max-upload-mb", help="The largest image upload.")]
@@ -57,7 +60,8 @@ def serve(
     cors_origin: CorsOpt = None,
     image_root: RootOpt = None,
     max_batch: BatchOpt = 64,
-    max_wait_ms: WaitOpt = 2.0,
+    max_wait_ms: WaitOpt = 10.0,
+    quiet_ms: QuietOpt = 2.0,
     max_k: MaxKOpt = 1000,
     max_upload_mb: UploadOpt = 20.0,
     poll_seconds: PollOpt = 2.0,
@@ -84,6 +88,7 @@ def serve(
         device=device,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
+        quiet_ms=quiet_ms,
         max_k=max_k,
         max_upload_bytes=int(max_upload_mb * 2**20),
         poll_seconds=poll_seconds,

@@ -76,11 +76,11 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-def service_of(request: Request) -> Service:
+async def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
-def ready(service: Annotated[Service, Depends(service_of)]) -> Service:
+async def ready(service: Annotated[Service, Depends(service_of)]) -> Service:
     if not service.ready:
         raise ServiceError(503, service.failure or "the indexes are still loading")
     return service

@@ -1,11 +1,14 @@
 """Coalescing: concurrent requests' queries gathered into one batch for the model thread.
 
-A query waits at most ``max_wait`` seconds (counted from when the oldest waiting query arrived)
-for others to join it, and a batch holds at most ``max_batch`` queries. Batches run one at a time
-on a single worker thread that owns the model and FAISS (so their own thread pools are never
-oversubscribed); while one runs, the next gathers, so under load batches grow by themselves and
-at low load a query waits only ``max_wait``. ``max_batch=1`` turns coalescing off: each query
-runs alone, in arrival order.
+Batches run one at a time on a single worker thread that owns the model and FAISS (so their own
+thread pools are never oversubscribed). Once that thread is free, the next batch starts when it
+holds ``max_batch`` queries, when no query has arrived for ``quiet`` seconds (the burst is over),
+or ``max_wait`` seconds after the model became free or its first query arrived, whichever comes
+first. Queries that arrived while a batch ran join the next one; clients answered by that batch
+usually send their next query within a few milliseconds, and the quiet gap lets those join too,
+so a steady load is served in full batches rather than in halves that take turns. A lone query
+waits ``quiet``; none waits more than ``max_wait`` once the model is free. ``max_batch=1`` turns
+coalescing off: each query runs alone, in arrival order.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ class Coalescer(Generic[Item, Result]):
         *,
         max_batch: int,
         max_wait: float,
+        quiet: float | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.run, self.executor = run, executor
         self.max_batch, self.max_wait = max_batch, max_wait
+        self.quiet = max_wait if quiet is None else min(quiet, max_wait)
         self.on_batch = on_batch or (lambda size: None)
         self._waiting: list[tuple[Item, asyncio.Future[Result], float]] = []
         self._running: list[asyncio.Future[Result]] = []  # the batch on the worker thread now
@@ -74,9 +79,11 @@ class Coalescer(Generic[Item, Result]):
             while not self._waiting:
                 self._arrived.clear()
                 await self._arrived.wait()
-            deadline = self._waiting[0][2] + self.max_wait
+            free = time.monotonic()  # the model thread is idle from here
+            deadline = max(free, self._waiting[0][2]) + self.max_wait
             while len(self._waiting) < self.max_batch:
-                left = deadline - time.monotonic()
+                lull = max(free, self._waiting[-1][2]) + self.quiet  # no arrival since then
+                left = min(deadline, lull) - time.monotonic()
                 if left <= 0:
                     break
                 self._arrived.clear()

@@ -30,9 +30,11 @@ class ServeConfig:
     image_root: Path | None = None  # where the images are on this host, if not where they were indexed
     model: ModelPaths = field(default_factory=ModelPaths)
     device: str = "auto"
-    # Coalescing: a query waits at most max_wait_ms for others to share its forward and FAISS batch.
+    # Coalescing (see service.batching): once the model is free, a batch starts when full, after
+    # quiet_ms without a new query, or after max_wait_ms, whichever comes first.
     max_batch: int = 64
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 10.0
+    quiet_ms: float = 2.0
     max_k: int = 1000
     max_upload_bytes: int = 20 * 2**20
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -54,8 +56,10 @@ class ServeConfig:
         for name, value in [("max-batch", self.max_batch), ("max-k", self.max_k), ("port", self.port)]:
             if value < 1 and not (name == "port" and value == 0):
                 raise ConfigError(f"--{name} must be at least 1, got {value}")
-        if self.max_wait_ms < 0 or self.poll_seconds <= 0 or self.max_upload_bytes < 1:
-            raise ConfigError("--max-wait-ms must be >= 0, the poll interval and upload limit > 0")
+        if self.max_wait_ms < 0 or self.quiet_ms < 0 or self.poll_seconds <= 0 or self.max_upload_bytes < 1:
+            raise ConfigError(
+                "--max-wait-ms and --quiet-ms must be >= 0, the poll interval and upload limit > 0"
+            )
         if "*" in self.cors_origins:
             raise ConfigError("--cors-origin takes the origins to allow, not '*'")
         if self.image_root is not None and not self.image_root.is_dir():

@@ -77,6 +77,7 @@ class Service:
             self.model_thread,
             max_batch=config.max_batch,
             max_wait=config.max_wait_ms / 1000,
+            quiet=config.quiet_ms / 1000,
             on_batch=self.metrics.batches.observe,
         )
         self._thumbnails: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()

@@ -22,8 +22,11 @@ __all__ = ["BodyLimit", "MetricsMiddleware", "require_key"]
 Scope = dict[str, Any]
 
 
-def require_key(request: Request) -> None:
-    """Refuse a request without the configured key (nothing to check when none is configured)."""
+async def require_key(request: Request) -> None:
+    """Refuse a request without the configured key (nothing to check when none is configured).
+
+    ``async`` although it never awaits: FastAPI runs a plain function dependency on a worker
+    thread, a hop per request that costs more than the check."""
     expected = request.app.state.config.api_key
     if not expected:
         return

@@ -23,17 +23,16 @@ log = logging.getLogger("retrieval.service")
 def serve(config: ServeConfig, log_level: str = "info") -> None:
     """Serve ``config`` until stopped; ``RetrievalError`` if its indexes cannot be loaded."""
     app = create_app(config)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=log_level,
-            access_log=False,
-            timeout_graceful_shutdown=10,
-            server_header=False,
-        )
+    settings = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        server_header=False,
     )
+    server = uvicorn.Server(settings)
 
     async def watch() -> None:
         # Stop the server when the first load fails: a service without its index is no service.
@@ -52,7 +51,9 @@ def serve(config: ServeConfig, log_level: str = "info") -> None:
         finally:
             watcher.cancel()
 
-    asyncio.run(main())
+    # uvicorn's own loop choice (uvloop where installed), which a plain asyncio.run would skip.
+    with asyncio.Runner(loop_factory=settings.get_loop_factory()) as runner:
+        runner.run(main())
     service = getattr(app.state, "service", None)
     if service is not None and service.failure:
         raise RetrievalError(f"could not load the indexes: {service.failure}")
