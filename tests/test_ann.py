@@ -18,6 +18,7 @@ import pytest
 
 from retrieval.ann import faiss_index, sizing
 from retrieval.ann.axes import principal_axes
+from retrieval.ann.exact import exact_search, recall_within_ties, tie_groups
 from retrieval.ann.faiss_index import (
     Budget,
     IndexConfig,
@@ -296,3 +297,31 @@ def test_the_rerank_file_scores_the_same_read_by_pread_as_through_its_mapping(tm
     scores = np.where(held >= 0, np.einsum("qcd,qd->qc", vectors[np.maximum(held, 0) // 2], queries), -np.inf)
     np.testing.assert_allclose(read[1], -np.sort(-scores, axis=1)[:, :10], rtol=1e-5)
     assert set(read[0].ravel()) <= set(ids)
+
+
+def test_a_tie_past_the_exact_list_is_collected_whole_and_counts_for_recall() -> None:
+    rng = np.random.default_rng(7)
+    vectors = clustered(600, 16, seed=8)
+    vectors[100:400] = vectors[100]  # 300 copies of one vector
+    ids = np.arange(600, dtype=np.int64) * 3 + 7
+    queries = np.concatenate([vectors[[100]], clustered(5, 16, seed=9)])
+    truth = exact_search(queries, [(ids[:250], vectors[:250]), (ids[250:], vectors[250:])], 20)
+    ties = tie_groups(queries, lambda: [(ids[:250], vectors[:250]), (ids[250:], vectors[250:])], truth, 10)
+    assert list(ties) == [0]  # only the query whose tie runs past 20
+    assert np.array_equal(ties[0], ids[100:400])  # the whole tie, as numpy finds it
+    # An index returning ten other copies (none in the exact list of 20) found the top 10.
+    others = np.setdiff1d(ids[100:400], truth[0][0])
+    found = np.stack([others[:10], *truth[0][1:, :10]])
+    assert recall_within_ties(found, *truth) < 0.9  # by the list alone: a miss
+    assert recall_within_ties(found, *truth, ties=ties) == 1.0
+    wrong = found.copy()
+    wrong[0] = rng.choice(np.setdiff1d(ids, ids[100:400]), 10, replace=False)  # no copy at all
+    assert recall_within_ties(wrong, *truth, ties=ties) < 0.9
+
+
+def test_tuning_a_collection_of_copies_measures_its_true_recall(tmp_path: Path) -> None:
+    vectors = clustered(3_000, 16, seed=10)
+    vectors[:2_000] = vectors[0]  # most rows one vector: every self query of them ties 2,000 ways
+    store = array_store(tmp_path, vectors)
+    record = build_collection_index(store, "images", IndexConfig(kind="ivf"), None, "self")
+    assert record is not None and record.recall_at_10 is not None and record.recall_at_10 >= 0.95

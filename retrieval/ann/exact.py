@@ -3,11 +3,11 @@ the oracle every approximate index is measured against, and recall against it.""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["SCORE_CELLS", "TopK", "exact_search", "recall_at", "recall_within_ties"]
+__all__ = ["SCORE_CELLS", "TopK", "exact_search", "recall_at", "recall_within_ties", "tie_groups"]
 
 SCORE_CELLS = 1 << 24  # query rows x block columns scored at a time (64 MB of float32)
 
@@ -73,22 +73,64 @@ def recall_at(
 
 
 def recall_within_ties(
-    found: np.ndarray, truth: np.ndarray, truth_scores: np.ndarray, tolerance: float = 1e-5
+    found: np.ndarray,
+    truth: np.ndarray,
+    truth_scores: np.ndarray,
+    tolerance: float = 1e-5,
+    ties: Mapping[int, np.ndarray] | None = None,
 ) -> float:
     """Recall@k of ``found`` (Q, k) ids against an exact list that runs past k (Q, k' >= k).
 
     A found id counts when the exact list scores it within ``tolerance`` of its k-th score, so
     that ties (duplicate vectors) count either way. Unlike ``recall_at``, the found scores are not
     used: an index that re-ranks on quantized vectors returns approximate scores, and those must
-    not let a near miss pass for a hit.
+    not let a near miss pass for a hit. ``ties``: for the queries whose tie at the k-th score runs
+    past the list, every id in it (``tie_groups``), used in place of the list.
     """
     k = found.shape[1]
     hits = total = 0
-    for f, t, s in zip(found, truth, truth_scores, strict=True):
+    for row, (f, t, s) in enumerate(zip(found, truth, truth_scores, strict=True)):
         valid = t[:k] >= 0
         wanted = int(valid.sum())
         total += wanted
         if wanted:
-            tied = t[(t >= 0) & (s >= s[:k][valid].min() - tolerance)]
+            if ties is not None and row in ties:
+                tied = ties[row]
+            else:
+                tied = t[(t >= 0) & (s >= s[:k][valid].min() - tolerance)]
             hits += min(len(np.intersect1d(f[f >= 0], tied)), wanted)
     return hits / total if total else 1.0
+
+
+def tie_groups(
+    queries: np.ndarray,
+    blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    truth: tuple[np.ndarray, np.ndarray],
+    k: int,
+    tolerance: float = 1e-5,
+    cap: int = 4096,
+) -> dict[int, np.ndarray]:
+    """The whole tie at the k-th exact score, for the queries whose exact list ends inside it.
+
+    A collection with more identical vectors than the list holds (a caption repeated a thousand
+    times) ties the k-th score far past the list's end, and an index may rightly return any of
+    them. For those queries (row -> sorted ids, at most ``cap``), one more pass over ``blocks``
+    collects every id scored within ``tolerance`` of the k-th; the others need nothing more.
+    """
+    ids, scores = truth
+    if ids.shape[1] <= k:
+        return {}
+    kth = scores[:, k - 1]
+    rows = np.flatnonzero((ids[:, -1] >= 0) & (ids[:, k - 1] >= 0) & (scores[:, -1] >= kth - tolerance))
+    if not len(rows):
+        return {}
+    parts: dict[int, list[np.ndarray]] = {int(r): [] for r in rows}
+    held = dict.fromkeys(parts, 0)
+    chosen = np.ascontiguousarray(queries[rows], dtype=np.float32)
+    for block_ids, vectors in blocks():
+        tied = chosen @ vectors.T >= (kth[rows] - tolerance)[:, None]  # (r, b)
+        for j, row in enumerate(parts):
+            if held[row] < cap and tied[j].any():
+                parts[row].append(block_ids[tied[j]][: cap - held[row]])
+                held[row] += len(parts[row][-1])
+    return {row: np.unique(np.concatenate(p)) for row, p in parts.items() if p}

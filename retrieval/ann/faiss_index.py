@@ -39,7 +39,7 @@ import faiss
 import numpy as np
 
 from retrieval.ann.axes import PrincipalAxes, principal_axes
-from retrieval.ann.exact import recall_at, recall_within_ties
+from retrieval.ann.exact import recall_at, recall_within_ties, tie_groups
 from retrieval.ann.rerank import Rerank, RerankWriter
 from retrieval.ann.sampling import live_count, live_vectors, sample_vectors, store_dim
 from retrieval.ann.sizing import (
@@ -334,14 +334,15 @@ def build_collection_index(
     skip = 1 if queries_from == "self" and n > 1 else 0
     k = min(10, n - skip)
     truth = exact_truth(store, collection, queries, min(k + skip + TIE_DEPTH, n))
+    ties = tie_groups(queries, lambda: live_vectors(store, collection, block=8192), truth, k + skip)
     value: int | None = None
     refine: int | None = None
     if param is None:
         found, _ = search_index.search(queries, k + skip)
-        recall = recall_within_ties(found[:, skip:], truth[0][:, skip:], truth[1][:, skip:])
+        recall = recall_within_ties(found[:, skip:], truth[0][:, skip:], truth[1][:, skip:], ties=ties)
     else:
         limit = plan.nlist if kind in ("ivf", *_RERANKED) else max(HNSW_STEPS)
-        value, refine, recall = tune(search_index, queries, truth, k, config.target_recall, limit, skip)
+        value, refine, recall = tune(search_index, queries, truth, k, config.target_recall, limit, skip, ties)
         search_index.value, search_index.refine = value, refine
     latency = latency_ms(search_index, queries, k)
 

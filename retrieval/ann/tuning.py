@@ -7,6 +7,7 @@ recall@10 against the exact neighbours (``exact_truth``) reaches the target.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,12 +42,14 @@ def tune(
     target: float,
     limit: int,
     skip: int = 0,
+    ties: Mapping[int, np.ndarray] | None = None,
 ) -> tuple[int | None, int | None, float]:
     """The cheapest (value, refine) whose recall@k reaches ``target`` (else the most thorough).
 
     The measured recall must clear the target by two standard errors of its own estimate, so that
     the choice holds on queries other than the ones it was tuned with. ``skip``: leading columns
     of both lists not scored (1: the queries are rows of the index, and find themselves first).
+    ``ties``: the ties that run past the exact list (``exact.tie_groups``).
     """
     margin = 2 * np.sqrt(target * (1 - target) / max(len(queries) * k, 1))
     steps = [s for s in (HNSW_STEPS if index.kind == "hnsw" else _IVF_STEPS) if s <= limit] or [limit]
@@ -57,7 +60,7 @@ def tune(
     for value, factor in trials:
         index.refine = factor
         ids, _ = index.search(queries, k + skip, value=value)
-        recall = recall_within_ties(ids[:, skip:], truth[0][:, skip:], truth[1][:, skip:])
+        recall = recall_within_ties(ids[:, skip:], truth[0][:, skip:], truth[1][:, skip:], ties=ties)
         if recall >= min(target + margin, 1.0):
             return value, factor, recall
         if recall > best[2]:
