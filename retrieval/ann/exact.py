@@ -125,12 +125,11 @@ def tie_groups(
     if not len(rows):
         return {}
     parts: dict[int, list[np.ndarray]] = {int(r): [] for r in rows}
-    held = dict.fromkeys(parts, 0)
     chosen = np.ascontiguousarray(queries[rows], dtype=np.float32)
     for block_ids, vectors in blocks():
         tied = chosen @ vectors.T >= (kth[rows] - tolerance)[:, None]  # (r, b)
-        for j, row in enumerate(parts):
-            if held[row] < cap and tied[j].any():
-                parts[row].append(block_ids[tied[j]][: cap - held[row]])
-                held[row] += len(parts[row][-1])
+        for j, found in enumerate(parts.values()):
+            room = cap - sum(map(len, found))
+            if room > 0 and tied[j].any():
+                found.append(block_ids[tied[j]][:room])
     return {row: np.unique(np.concatenate(p)) for row, p in parts.items() if p}

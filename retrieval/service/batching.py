@@ -42,7 +42,7 @@ class Coalescer(Generic[Item, Result]):
     ) -> None:
         self.run, self.executor = run, executor
         self.max_batch, self.max_wait = max_batch, max_wait
-        self.quiet = max_wait if quiet is None else min(quiet, max_wait)
+        self.quiet = max_wait if quiet is None else quiet  # (never past max_wait: see _gather)
         self.on_batch = on_batch or (lambda size: None)
         self._waiting: list[tuple[Item, asyncio.Future[Result], float]] = []
         self._running: list[asyncio.Future[Result]] = []  # the batch on the worker thread now
