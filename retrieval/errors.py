@@ -10,6 +10,7 @@ from typing import Any
 __all__ = [
     "BuildInterrupted",
     "CheckpointError",
+    "ClusterError",
     "ConfigError",
     "IndexMismatchError",
     "InputError",
@@ -54,6 +55,10 @@ class BuildInterrupted(RetrievalError):
     def __init__(self, report: Any) -> None:
         super().__init__("the build was stopped before it finished")
         self.report = report
+
+
+class ClusterError(RetrievalError):
+    """A cluster engine could not start its workers, or lost work it could not redo."""
 
 
 class StoreError(RetrievalError):

@@ -47,7 +47,7 @@ from retrieval.store.manifest import FileRef
 from retrieval.store.schema import schema
 from retrieval.store.table import DeltaCollection
 
-KILL_CYCLES = 8  # in CI; test_many_random_kills runs more under the slow marker
+KILL_CYCLES = 6  # in CI; test_many_random_kills runs more under the slow marker
 FUZZ_PER_FILE = 24
 
 

@@ -2,7 +2,8 @@
 
 ``begin`` commits a plan (deletions and touched files' stats as copy-on-write rewrites of the
 files that hold them, outcomes known so far, the ids reserved for each planned input), ``add``
-commits one item's data file as it arrives, in any order, ``end`` clears the plan once every item
+commits one item's data file as it arrives, in any order (written here, or staged by a worker
+elsewhere and moved into the table), ``end`` clears the plan and the staging area once every item
 is in, and ``build_indexes`` (re)builds each collection's FAISS index when its rows changed and
 records it in the catalog with the table version it covers: that write publishes the rows
 committed meanwhile. Each of these is one Delta commit or one catalog write. A build works on a
@@ -24,6 +25,7 @@ from retrieval import durable
 from retrieval.ann.faiss_index import IndexConfig, build_collection_index, sample_vectors
 from retrieval.build.execute import ItemResult
 from retrieval.build.plan import CollectionPlan, plan_table
+from retrieval.build.staging import Staging
 from retrieval.errors import IndexMismatchError, StoreError
 from retrieval.outcomes import Outcome
 from retrieval.progress import Progress
@@ -308,7 +310,16 @@ class Committer:
         name = result.item.collection
         state = self.target.state(name)
         adds: tuple[FileRef, ...] = ()
-        if result.rows:
+        staging = Staging(self.store.folder, self.target.table(name).prefix)
+        if result.staged is not None:
+            # Moved into the table and its receipt gone before the commit: a driver killed between
+            # the two leaves the item to be done again, never a receipt of a committed item.
+            if result.staged.file is not None:
+                first = result.staged.file.first
+                moved = staging.take(result.staged, self.target.file_name(name, "shard", first))
+                adds = (moved,) if moved is not None else ()
+            staging.release(result.staged)
+        elif result.rows:
             order = np.argsort(result.ids)
             ids = np.asarray(result.ids, dtype=np.int64)[order]
             rows = [result.rows[k] for k in order]
@@ -327,7 +338,7 @@ class Committer:
                 if not items:
                     sources[source] = stats
                     del self.waiting[name][source]
-        indexed = state.counts.get("indexed", 0) + len(result.rows)
+        indexed = state.counts.get("indexed", 0) + result.added
         counts = _counts(indexed, self.outcomes[name])
         self.target.commit(name, replace(state, outcomes=out, sources=sources, counts=counts), adds)
 
@@ -338,6 +349,8 @@ class Committer:
             return False
         if state.plan is not None:
             self.target.commit(collection, replace(state, plan=None))
+        # What workers staged for an earlier plan (a killed build's) that this one did not take.
+        Staging(self.store.folder, self.target.table(collection).prefix).clear()
         return True
 
     def build_indexes(self, config: IndexConfig, progress: Progress) -> dict[str, IndexRecord]:

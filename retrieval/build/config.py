@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from retrieval.ann.faiss_index import IndexConfig
 from retrieval.ingest.reader import DEFAULT_DECODE_TIMEOUT
@@ -12,7 +12,24 @@ from retrieval.model.imaging import DEFAULT_MAX_PIXELS
 from retrieval.model.spec import ModelSpec
 from retrieval.store.manifest import IndexRecord
 
-__all__ = ["BuildConfig", "BuildReport", "CollectionReport"]
+__all__ = ["BuildConfig", "BuildReport", "ClusterConfig", "CollectionReport", "StageReport", "verdict"]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where ``engine="ray"`` runs and with what (``build.ray_engine``).
+
+    ``address`` None starts a Ray cluster on this machine for the build (its cores and GPUs);
+    "auto" or "HOST:PORT" joins a running one. ``encode_workers`` None: one per ``gpus_per_worker``
+    GPUs of the cluster, or one CPU worker without GPUs. ``gpus_per_worker`` None: 1 where the
+    cluster has GPUs, else 0 (workers on CPUs).
+    """
+
+    address: str | None = None
+    encode_workers: int | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float = 1.0  # each encoding worker's CPUs (feeding its GPU, or its model)
+    decode_group: int = 16  # files per decoding task
 
 
 @dataclass(frozen=True)
@@ -34,6 +51,44 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds for one image; 0: no limit
     index: IndexConfig = field(default_factory=IndexConfig)
+    engine: Literal["local", "ray"] = "local"  # who encodes: this machine, or a Ray cluster
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # engine "ray": which and how
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One stage of a build on a cluster: ``inputs`` through it, ``busy`` seconds of work summed
+    over its ``workers``, and so the rate it could sustain alone (``capacity``, inputs/s)."""
+
+    name: Literal["decode", "encode", "write", "commit"]
+    inputs: int
+    busy: float
+    workers: int
+    restarts: int = 0  # workers that died and were started again (their work redone)
+
+    @property
+    def capacity(self) -> float:
+        return self.inputs * self.workers / self.busy if self.busy > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"busy": round(self.busy, 3), "capacity": round(self.capacity, 1)}
+
+
+def verdict(stages: tuple[StageReport, ...], gpus: bool) -> str:
+    """One line on what bounds a cluster build: the stage with the lowest capacity."""
+    timed = [s for s in stages if s.inputs and s.busy > 0]
+    if not timed:
+        return ""
+    slowest = min(timed, key=lambda s: s.capacity)
+    others = ", ".join(f"{s.name} {s.capacity:,.0f}/s" for s in timed if s is not slowest)
+    figures = f"{slowest.name} {slowest.capacity:,.0f}/s against {others}" if others else ""
+    advice = {
+        "decode": "decode-bound: add CPU workers",
+        "encode": "GPU-bound" if gpus else "encode-bound: add encoding workers or GPUs",
+        "write": "write-bound: the shared storage is the limit",
+        "commit": "commit-bound: bigger work items (--shard-rows) make fewer commits",
+    }[slowest.name]
+    return f"{advice} ({figures})" if figures else advice
 
 
 @dataclass(frozen=True)
@@ -50,6 +105,12 @@ class CollectionReport:
     seconds: float
     refreshed: int = 0  # rows kept with new file stats (touched, same content)
     truncated: int = 0  # of the rows written, captions cut to the tokenizer's limit
+    stages: tuple[StageReport, ...] = ()  # a cluster build's stages (the local engine has none)
+    verdict: str = ""  # what bound a cluster build, in one line
+
+    def to_dict(self) -> dict[str, Any]:
+        plain = {k: v for k, v in vars(self).items() if k != "stages"}
+        return plain | {"seconds": round(self.seconds, 3), "stages": [s.to_dict() for s in self.stages]}
 
 
 @dataclass(frozen=True)
@@ -67,7 +128,5 @@ class BuildReport:
             "fingerprint": self.fingerprint,
             "seconds": round(self.seconds, 3),
             "interrupted": self.interrupted,
-            "collections": {
-                k: vars(v) | {"seconds": round(v.seconds, 3)} for k, v in self.collections.items()
-            },
+            "collections": {k: v.to_dict() for k, v in self.collections.items()},
         }

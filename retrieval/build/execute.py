@@ -21,9 +21,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from retrieval.build.config import StageReport
 from retrieval.build.image_items import ImageItems
-from retrieval.build.items import CutItems
-from retrieval.build.plan import CaptionInput, WorkItem, item_sizes
+from retrieval.build.plan import CaptionInput, WorkItem, collection_of, item_sizes
+from retrieval.build.staging import StagedItem
 from retrieval.build.stored import StoredVectors
 from retrieval.ingest.reader import (
     DEFAULT_DECODE_TIMEOUT,
@@ -39,7 +40,7 @@ from retrieval.outcomes import Outcome
 from retrieval.progress import Progress
 from retrieval.store.schema import CaptionRow, ImageRow, Row
 
-__all__ = ["Executor", "ItemResult", "LocalExecutor", "StoredVectors"]
+__all__ = ["Executor", "ItemResult", "LocalExecutor", "StoredVectors", "caption_row"]
 
 
 @dataclass
@@ -55,10 +56,29 @@ class ItemResult:
     encoded: int = 0
     reused: int = 0
     truncated: int = 0
+    staged: StagedItem | None = None  # written by a worker elsewhere: rows in its file, not here
+
+    @classmethod
+    def of_staged(cls, item: WorkItem, staged: StagedItem) -> ItemResult:
+        """A whole item a worker staged (``build.staging``)."""
+        return cls(
+            item,
+            outcomes=list(staged.outcomes),
+            complete=True,
+            encoded=staged.encoded,
+            reused=staged.reused,
+            truncated=staged.truncated,
+            staged=staged,
+        )
 
     @property
     def settled(self) -> int:
         return len(self.ids) + len(self.outcomes)
+
+    @property
+    def added(self) -> int:
+        """Rows this result adds to its collection."""
+        return self.staged.rows if self.staged is not None else len(self.rows)
 
     def matrix(self, dim: int) -> np.ndarray:
         return (
@@ -69,7 +89,16 @@ class ItemResult:
 
 
 class Executor(Protocol):
-    """Runs work items; yields a result for each (a partial one for those a stop interrupted)."""
+    """Runs work items; yields a result for each (a partial one for those a stop interrupted).
+
+    ``stages`` says how the last run's stages went where the executor measures them (a cluster's),
+    ``gpus`` how many GPUs each of its encoding workers has; ``close`` releases its workers.
+    """
+
+    stages: tuple[StageReport, ...]
+    gpus: float
+
+    def close(self) -> None: ...
 
     def run(
         self,
@@ -82,6 +111,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """This machine: decoding worker processes, the model on the encoder's device."""
+
+    stages: tuple[StageReport, ...] = ()  # the model and decoding share the machine: not timed apart
 
     def __init__(
         self,
@@ -101,6 +132,10 @@ class LocalExecutor:
         self.decode_timeout = decode_timeout
         self.decode = decode  # another decoder in place of ingest.reader.decode_file (module-level)
         self.start_method = start_method  # how decoding workers start (default: the platform's)
+        self.gpus = 1.0 if encoder.runtime.device.type == "cuda" else 0.0
+
+    def close(self) -> None:
+        pass  # its decoding workers live for one run
 
     def run(
         self,
@@ -111,7 +146,7 @@ class LocalExecutor:
     ) -> Iterator[ItemResult]:
         if not len(items):
             return
-        collection = items.collection if isinstance(items, CutItems) else items[0].collection
+        collection = collection_of(items)
         progress.start(collection, sum(item_sizes(items)))
         try:
             if collection == "images":
@@ -204,22 +239,24 @@ class LocalExecutor:
             result = ItemResult(item, complete=not stopped)
             fresh = set(todo)
             for k in sorted(ready):
-                x = inputs[k]
-                cut = ("truncated",) if truncated[k] else ()
-                r = x.record
-                row = CaptionRow(
-                    r.text, r.source, r.row, r.image, hashes[k], x.size, x.mtime_ns, cut, x.metadata
-                )
+                row = caption_row(inputs[k], hashes[k], bool(truncated[k]))
                 result.ids.append(item.ids[k])
                 result.rows.append(row)
                 result.vectors.append(ready[k])
                 result.encoded += k in fresh
                 result.reused += k not in fresh
-                result.truncated += bool(cut)
+                result.truncated += bool(truncated[k])
             if result.settled:
                 yield result
             if stopped:
                 return
+
+
+def caption_row(x: CaptionInput, sha256: str, truncated: bool) -> CaptionRow:
+    """The row a planned caption becomes."""
+    r = x.record
+    cut = ("truncated",) if truncated else ()
+    return CaptionRow(r.text, r.source, r.row, r.image, sha256, x.size, x.mtime_ns, cut, x.metadata)
 
 
 class _ImageRun:

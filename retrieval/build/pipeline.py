@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from retrieval.build.commit import Committer, Target
-from retrieval.build.config import BuildConfig, BuildReport, CollectionReport
+from retrieval.build.config import BuildConfig, BuildReport, CollectionReport, StageReport, verdict
 from retrieval.build.execute import Executor, LocalExecutor
 from retrieval.build.plan import CollectionPlan, plan_captions, plan_images, read_view
 from retrieval.build.stored import StoredVectors
@@ -69,16 +69,15 @@ def build_index(
             record = model_record(
                 encoder.spec or config.model, store.folder, encoder.fingerprint.to_dict(), stat
             )
-            target = Target(store, record, rebuild=config.rebuild)
-            executor = executor or LocalExecutor(
-                encoder,
-                config.images,
-                workers=config.workers,
-                max_pixels=config.max_pixels,
-                decode_timeout=config.decode_timeout,
-            )
-            run = _Run(target, executor, progress, stop, encoder.dim)
-            collections = run.collections(config)
+            own_executor = executor is None
+            executor = executor or _executor(config, encoder)  # a cluster is joined before any write
+            try:
+                target = Target(store, record, rebuild=config.rebuild)
+                run = _Run(target, executor, progress, stop, encoder.dim)
+                collections = run.collections(config)
+            finally:
+                if own_executor:
+                    executor.close()
             stopped = stop is not None and stop.is_set()
             indexes = {} if stopped else run.committer.build_indexes(config.index, progress)
             if not stopped:
@@ -94,6 +93,39 @@ def build_index(
     if report.interrupted:
         raise BuildInterrupted(report)
     return report
+
+
+def _executor(config: BuildConfig, encoder: Encoder) -> Executor:
+    if config.engine == "local":
+        return LocalExecutor(
+            encoder,
+            config.images,
+            workers=config.workers,
+            max_pixels=config.max_pixels,
+            decode_timeout=config.decode_timeout,
+        )
+    try:
+        from retrieval.build.ray_engine import RayExecutor
+    except ImportError as e:
+        raise ConfigError(
+            f"the ray engine needs Ray ({e}): pip install 'retrieval[ray]' (make install installs it)"
+        ) from e
+    executor = RayExecutor(
+        encoder,
+        config.images,
+        config.cluster,
+        workers=config.workers,
+        precision=config.precision,
+        batch_size=config.batch_size,
+        max_pixels=config.max_pixels,
+        decode_timeout=config.decode_timeout,
+    )
+    try:
+        executor.connect()
+    except BaseException:
+        executor.close()
+        raise
+    return executor
 
 
 class _Run:
@@ -168,18 +200,24 @@ class _Run:
         """Commit ``plan``, run its items, commit each result; the collection's report."""
         self.committer.begin(plan)
         added = encoded = reused = truncated = 0
+        committing = 0.0
         if len(plan.items):
             stored = StoredVectors(
                 self.target.view(), plan.collection, self.dim, self.target.table(plan.collection)
             )
             for result in self.executor.run(plan.items, stored, self.progress, self.stop):
+                began = time.perf_counter()
                 self.committer.add(result)
-                added += len(result.rows)
+                committing += time.perf_counter() - began
+                added += result.added
                 encoded += result.encoded
                 reused += result.reused
                 truncated += result.truncated
         self.committer.end(plan.collection)
         counts = self.target.state(plan.collection).counts
+        stages = self.executor.stages if len(plan.items) else ()
+        if stages:
+            stages += (StageReport("commit", added, committing, 1),)
         return CollectionReport(
             indexed=counts.get("indexed", 0),
             skipped=counts.get("skipped", 0),
@@ -191,6 +229,8 @@ class _Run:
             seconds=time.perf_counter() - started,
             refreshed=len(plan.restat),
             truncated=truncated,
+            stages=stages,
+            verdict=verdict(stages, self.executor.gpus > 0),
         )
 
 

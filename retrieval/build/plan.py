@@ -52,6 +52,7 @@ __all__ = [
     "CollectionView",
     "ImageInput",
     "WorkItem",
+    "collection_of",
     "item_sizes",
     "plan_captions",
     "plan_images",
@@ -93,6 +94,11 @@ def item_sizes(items: Sequence[WorkItem]) -> list[int]:
     if isinstance(items, CutItems):
         return items.sizes
     return [len(item.ids) for item in items]
+
+
+def collection_of(items: Sequence[WorkItem]) -> str:
+    """The collection a non-empty sequence of work items belongs to."""
+    return items.collection if isinstance(items, CutItems) else items[0].collection
 
 
 def read_view(store: Store, collection: str) -> CollectionView:

@@ -54,6 +54,7 @@ class StoredVectors:
 
     def __init__(self, store: Store, collection: str, dim: int, table: DeltaCollection) -> None:
         self.store = store
+        self.table = table  # the table the build writes (an executor elsewhere stages beside it)
         self.dim = dim
         self.files: list[FileRef] = []
         keys: list[np.ndarray] = []

@@ -71,15 +71,37 @@ def index_build(
         bool,
         typer.Option("--replace-root", help="Index IMAGES_DIR in place of the image folder the index holds."),
     ] = False,
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (this machine) or ray (a Ray cluster: see the README).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address", help="Join this Ray cluster (auto: the one running here); default: start one."
+        ),
+    ] = None,
+    encode_workers: Annotated[
+        int | None,
+        typer.Option("--encode-workers", help="Ray: model workers (default: one per GPU, else one)."),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option("--gpus-per-worker", help="Ray: GPUs per model worker (default: 1 with GPUs, else 0)."),
+    ] = None,
     trust_checkpoint: TrustOpt = False,
     as_json: Json = False,
 ) -> None:
     """Encode an image folder and caption files into the index folder (incremental, resumable)."""
     from retrieval.ann.faiss_index import IndexConfig
+    from retrieval.build.config import ClusterConfig
     from retrieval.build.pipeline import BuildConfig, build_index
     from retrieval.errors import BuildInterrupted
     from retrieval.store.location import index_model
 
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter(f"{engine!r}: use local or ray", param_hint="--engine")
+    if engine == "local" and (ray_address or encode_workers or gpus_per_worker is not None):
+        raise typer.BadParameter("--ray-address, --encode-workers and --gpus-per-worker need --engine ray")
     config = BuildConfig(
         out=out,
         images=images,
@@ -99,6 +121,8 @@ def index_build(
             target_recall=target_recall,
             memory_budget=int(memory_budget * 1e9) if memory_budget else None,
         ),
+        engine=engine,  # type: ignore[arg-type]
+        cluster=ClusterConfig(ray_address, encode_workers, gpus_per_worker),
     )
     with stop_on_signals() as (stop, received):
         try:
@@ -123,6 +147,11 @@ def index_build(
             f"{name}: {c.indexed} indexed ({c.added} new: {c.encoded} encoded, {c.reused} reused; "
             f"{c.deleted} removed{notes}), {c.skipped} skipped, {c.failed} failed{rate}"
         )
+        if c.stages:
+            rates = ", ".join(f"{s.name} {s.capacity:,.0f}/s on {s.workers}" for s in c.stages if s.busy > 0)
+            restarted = sum(s.restarts for s in c.stages)
+            again = f"; {restarted} workers restarted, their work redone" if restarted else ""
+            parts.append(f"{name} stages: {rates}{again}; {c.verdict}")
     for name, record in report.indexes.items():
         tuned = f", {record.param}={record.value}" if record.param else ""
         why = f" ({record.reason})" if record.reason and record.requested != "auto" else ""

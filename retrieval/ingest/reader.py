@@ -46,6 +46,7 @@ __all__ = [
     "DecodedImage",
     "Decoder",
     "decode_file",
+    "decode_group",
     "default_workers",
     "read_images",
 ]
@@ -184,29 +185,50 @@ class _GroupDataset(Dataset[DecodedGroup]):
         return (len(self.files) + self.group - 1) // self.group
 
     def __getitem__(self, g: int) -> DecodedGroup:
-        images, arrays, failures = [], [], []
-        for index in range(g * self.group, min((g + 1) * self.group, len(self.files))):
-            file = self.files[index]
-            try:
-                with _time_limit(self.timeout):
-                    sha, width, height, pixels, reduced = self.decode(
-                        self.root / file.path, self.preprocess, self.max_pixels
-                    )
-            except _DecodeTimeout:
-                code, reason = Reason.TIMEOUT, f"decoding took longer than {self.timeout:g} s"
-            except DecodeError as e:
-                code, reason = e.code, str(e)
-            except Exception as e:  # per-file isolation: any decoder error is this file's outcome
-                code, reason = Reason.UNDECODABLE, str(e).splitlines()[0] if str(e) else type(e).__name__
-            else:
-                images.append(DecodedImage(index, sha, width, height, reduced))
-                arrays.append(pixels)
-                continue
-            outcome = Outcome(file.path, "failed", "decode", reason, code, file.size, file.mtime_ns)
-            failures.append((index, outcome))
-        shape = (0, self.preprocess.height, self.preprocess.width, 3)
-        stacked = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape, dtype=torch.uint8)
-        return DecodedGroup(images, stacked, failures)
+        numbers = range(g * self.group, min((g + 1) * self.group, len(self.files)))
+        return decode_group(
+            self.root,
+            [(index, self.files[index]) for index in numbers],
+            self.preprocess,
+            max_pixels=self.max_pixels,
+            decode_timeout=self.timeout,
+            decode=self.decode,
+        )
+
+
+def decode_group(
+    root: Path,
+    files: Sequence[tuple[int, ImageFile]],
+    preprocess: ImagePreprocess,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+    decode: Decoder | None = None,
+) -> DecodedGroup:
+    """Decode ``files`` (each with its plan index) here, one after the other: what every reader's
+    worker runs. Each file ends as pixels or as an outcome; the time limit holds when this is the
+    process's main thread."""
+    decode = decode or decode_file
+    images, arrays, failures = [], [], []
+    for index, file in files:
+        try:
+            with _time_limit(decode_timeout):
+                sha, width, height, pixels, reduced = decode(root / file.path, preprocess, max_pixels)
+        except _DecodeTimeout:
+            code, reason = Reason.TIMEOUT, f"decoding took longer than {decode_timeout:g} s"
+        except DecodeError as e:
+            code, reason = e.code, str(e)
+        except Exception as e:  # per-file isolation: any decoder error is this file's outcome
+            code, reason = Reason.UNDECODABLE, str(e).splitlines()[0] if str(e) else type(e).__name__
+        else:
+            images.append(DecodedImage(index, sha, width, height, reduced))
+            arrays.append(pixels)
+            continue
+        outcome = Outcome(file.path, "failed", "decode", reason, code, file.size, file.mtime_ns)
+        failures.append((index, outcome))
+    shape = (0, preprocess.height, preprocess.width, 3)
+    stacked = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape, dtype=torch.uint8)
+    return DecodedGroup(images, stacked, failures)
 
 
 def default_workers(workers: int | None) -> int:

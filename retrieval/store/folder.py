@@ -55,7 +55,17 @@ from retrieval.store.manifest import (
 )
 from retrieval.store.table import DeltaCollection
 
-__all__ = ["CATALOG", "LEGACY_MANIFEST", "REBUILD", "Store", "engine_folder", "new_manifest", "removed_file"]
+__all__ = [
+    "CATALOG",
+    "LEGACY_MANIFEST",
+    "REBUILD",
+    "Store",
+    "engine_folder",
+    "new_manifest",
+    "parquet_bytes",
+    "removed_file",
+    "table_ref",
+]
 
 CATALOG = "catalog.json"
 LEGACY_MANIFEST = "manifest.json"  # the earlier format's commit point (index migrate reads it)
@@ -221,13 +231,7 @@ class Store:
         file.
         """
         self._require_writer()
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd", write_statistics=True, write_page_checksum=True)
-        ref = self.write_bytes(name, buffer.getvalue(), table.num_rows)
-        if "id" in table.column_names and table.num_rows:
-            ids = table.column("id").to_numpy()
-            ref = dataclasses.replace(ref, first=int(ids.min()), last=int(ids.max()))
-        return ref
+        return table_ref(name, table, self.write_bytes(name, parquet_bytes(table), table.num_rows))
 
     def write_outcomes(self, name: str, outcomes: Sequence[Outcome]) -> FileRef:
         """Write the skipped and failed inputs as JSON lines, sorted by source."""
@@ -326,6 +330,8 @@ class Store:
             needed = table.engine_files(cutoff, keep)
             folder = self.folder / engine_folder(table.prefix)
             for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+                if not path.is_file():
+                    continue  # the staging folder: its files go when their collection's build ends
                 relative = str(path.relative_to(self.folder))
                 if relative not in needed and path.stat().st_mtime < cutoff:
                     path.unlink()
@@ -504,6 +510,21 @@ class Store:
                 f"{self.folder} was built with another model (fingerprint {self.manifest.fingerprint[:12]}, "
                 f"this one is {fingerprint[:12]}); use the same checkpoint and towers, or --rebuild"
             )
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the store writes every Parquet file: zstd, statistics, page checksums."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", write_statistics=True, write_page_checksum=True)
+    return buffer.getvalue()
+
+
+def table_ref(name: str, table: pa.Table, ref: FileRef) -> FileRef:
+    """``ref`` of a written ``table``, with the id range it holds (data files log it)."""
+    if "id" in table.column_names and table.num_rows:
+        ids = table.column("id").to_numpy()
+        ref = dataclasses.replace(ref, first=int(ids.min()), last=int(ids.max()))
+    return ref
 
 
 def new_manifest(model: dict[str, Any]) -> Manifest:
