@@ -181,7 +181,7 @@ def main() -> None:
         if args.ray_data:
             with Encoder.load(model, device="cpu") as encoder:
                 batch = encoder.image_batch_size
-            results["ray_data"] = ray_data_rate(images, model, batch, ClusterConfig().decode_group)
+            results["ray_data"] = ray_data_rate(images, model, batch, ClusterConfig().group_for(0))
         if torch.cuda.is_available():
             results["gpu"] = {
                 "device": torch.cuda.get_device_name(0),

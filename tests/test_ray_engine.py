@@ -25,6 +25,7 @@ from retrieval.build.config import BuildConfig, ClusterConfig
 from retrieval.build.pipeline import build_index
 from retrieval.build.ray_engine import RayExecutor
 from retrieval.errors import ConfigError
+from retrieval.ingest import reader
 from retrieval.model.encoder import Encoder
 from retrieval.progress import Silent
 from retrieval.store.folder import Store
@@ -297,3 +298,27 @@ def test_without_ray_the_ray_engine_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, "retrieval.build.ray_engine", None)  # import fails
     with pytest.raises(ConfigError, match=r"pip install 'retrieval\[ray\]'"):
         build_index(dataclasses.replace(config, engine="ray"))
+
+
+def dies_on_bmp(path: Path, *args: Any) -> Any:
+    """A decoder whose process dies on a .bmp, as a decoder crashing in C would."""
+    if path.suffix == ".bmp":
+        os._exit(1)
+    return reader.decode_file(path, *args)
+
+
+def test_a_file_that_kills_its_decoder_fails_alone(config: BuildConfig, ray_address: str) -> None:
+    """The decoding task holding pic.bmp dies twice: its group is decoded one file per task, the
+    .bmp fails with the reason, and every other file is indexed."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests
+    target = dataclasses.replace(config, engine="ray", cluster=ClusterConfig(decode_group=4))
+    with Encoder.load(config.model, device="cpu") as encoder:
+        executor = RayExecutor(encoder, config.images, target.cluster, decode=dies_on_bmp)
+        try:
+            build_index(target, encoder=encoder, executor=executor)
+        finally:
+            executor.close()
+    with Store.open(config.out) as store:
+        failed = {o.source: o.reason for o in store.outcomes("images") if o.status == "failed"}
+        assert failed["pic.bmp"].startswith("its decoding worker died")
+        assert store.state("images").counts["indexed"] == len(GOOD) - 1

@@ -1,13 +1,13 @@
 """``RayExecutor``: a build's work items on a Ray cluster, with the result of the local engine.
 
 The driver (this process) plans and commits as for a local build; here it only schedules. Images
-are decoded in CPU tasks of ``decode_group`` files each, the model runs in a pool of actors
-(``EncodeWorker``: one GPU each, or CPUs), and each work item is assembled and staged as one data
-file by a task (``build.staging``); the driver looks up the content already indexed between
-decoding and encoding (from the hashes decoding returns) and commits each staged item as it
-arrives, in any order. Pixels and vectors stay in the object store. What is in flight is bounded:
-decoding tasks a few per CPU, at most two batches queued per actor, decoded images waiting for
-the model a few batches per actor, so memory does not grow with the corpus.
+are decoded in CPU tasks of a group of files each (``ClusterConfig.decode_group``), the model runs
+in a pool of actors (``EncodeWorker``: one GPU each, or CPUs), and each work item is assembled and
+staged as one data file by a task (``build.staging``); the driver looks up the content already
+indexed between decoding and encoding (from the hashes decoding returns) and commits each staged
+item as it arrives, in any order. Pixels and vectors stay in the object store. What is in flight
+is bounded: decoding tasks two per CPU, at most two batches queued per actor, decoded images
+waiting for the model two batches per actor, so memory does not grow with the corpus.
 
 Faults: a decoding task whose worker dies is retried once, then its files are decoded one by one
 so that a file that kills its decoder fails alone; an actor that dies is started again once and
@@ -291,14 +291,14 @@ class _Run:
     def images(self, items: ImageItems) -> Iterator[ItemResult]:
         batch = self.x.batch_size
         decoding_cap = 2 * self.decode_slots
-        held_cap = 2 * batch * len(self.x._actors) + decoding_cap * self.x.cluster.decode_group
+        step = self.x.cluster.group_for(self.x.gpus)
+        held_cap = 2 * batch * len(self.x._actors) + decoding_cap * step
         waiting: deque[tuple[int, Any, list[int]]] = deque()  # (position, pixels, picks) for the model
         decoding = 0
         files = items.files()
 
         def groups() -> Iterator[tuple[int, list[tuple[int, ImageFile]]]]:
             """Each item's groups of files; an item staged by an earlier build is taken as it is."""
-            step = self.x.cluster.decode_group
             for position in range(len(items)):
                 if (entry := self._open(position, items[position])) is None:
                     continue
