@@ -24,7 +24,7 @@ from stores import build_args, cli, live
 from retrieval.build.config import BuildConfig, ClusterConfig
 from retrieval.build.pipeline import build_index
 from retrieval.build.ray_engine import RayExecutor
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, InputError
 from retrieval.ingest import reader
 from retrieval.model.encoder import Encoder
 from retrieval.progress import Silent
@@ -322,3 +322,10 @@ def test_a_file_that_kills_its_decoder_fails_alone(config: BuildConfig, ray_addr
         failed = {o.source: o.reason for o in store.outcomes("images") if o.status == "failed"}
         assert failed["pic.bmp"].startswith("its decoding worker died")
         assert store.state("images").counts["indexed"] == len(GOOD) - 1
+
+
+def test_object_store_uris_are_refused_in_one_line(config: BuildConfig) -> None:
+    for images, out in ((Path("s3://bucket/images"), config.out), (config.images, Path("gs://b/index"))):
+        with pytest.raises(InputError, match="object-store URIs are not supported"):
+            build_index(dataclasses.replace(config, images=images, out=out, engine="ray"))
+    assert not config.out.exists()

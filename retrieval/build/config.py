@@ -30,8 +30,8 @@ class ClusterConfig:
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 1.0  # each encoding worker's CPUs (feeding its GPU, or its model)
     # Files per decoding task; None: 16 for CPU workers, 64 where GPUs take batches of 256 (the
-    # driver's cost is mostly per task and per batch: about 0.28 ms an image with groups and
-    # batches of 16, 0.14 ms with 64, on the 2-core machine of the README's figures).
+    # driver's cost is mostly per task and per batch: 0.36-0.40 ms an image with groups and
+    # batches of 16, 0.15 ms with 64, in the README's figures).
     decode_group: int | None = None
 
     def group_for(self, gpus: float) -> int:

@@ -10,6 +10,7 @@ redoes only the items that were in flight, with the ids they were planned with.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import warnings
@@ -235,6 +236,12 @@ class _Run:
 
 
 def _check_config(config: BuildConfig) -> None:
+    for path, what in ((config.images, "image folder"), (config.out, "index folder")):
+        if path is not None and _URI.match(str(path)):
+            raise InputError(
+                f"{path}: the {what} must be a path (on a file system every worker sees, for "
+                "--engine ray); object-store URIs are not supported"
+            )
     if config.images is None and not config.captions:
         raise ConfigError("nothing to index: give an image folder, --captions files, or both")
     for path in config.captions:
@@ -250,6 +257,9 @@ def _check_config(config: BuildConfig) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{what} must be at least 1")
+
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/")  # s3://, gs://, hdfs:// (a Path keeps one slash)
 
 
 def _check_root(store: Store, out: Path, images: Path) -> None:

@@ -92,8 +92,6 @@ class RayExecutor:
     ) -> None:
         if encoder.spec is None or encoder.fingerprint is None:
             raise ConfigError("the ray engine needs an encoder loaded from files (Encoder.load)")
-        if root is not None and "://" in str(root):
-            raise ConfigError(f"{root}: give the image folder as a path every worker can read")
         self.encoder = encoder
         self.root = root
         self.cluster = cluster
@@ -416,26 +414,29 @@ class _Run:
                 yield from self._drain()
                 continue
             inputs = [x for x in item.inputs if isinstance(x, CaptionInput)]
-            hashes = [x.sha256 for x in inputs]
-            found = [self.stored.get(h) for h in hashes]
-            known = [(k, v) for k, v in enumerate(found) if v is not None]
-            if known:
-                _, flags = batcher.tokenize_flagged([inputs[k].record.text for k, _ in known])
-                for (k, vector), cut in zip(known, flags, strict=True):
-                    entry.ids.append(item.ids[k])
-                    entry.rows.append(caption_row(inputs[k], hashes[k], bool(cut)))
-                    entry.reused.append(vector)
-                self.progress.advance(len(known))
-            todo = [k for k, v in enumerate(found) if v is None]
-            for start in range(0, len(todo), step):
+            # A chunk at a time, so that the model starts on the first while the rest is read.
+            for start in range(0, len(inputs), step):
+                chunk = range(start, min(start + step, len(inputs)))
+                hashes = {k: inputs[k].sha256 for k in chunk}
+                found = {k: self.stored.get(hashes[k]) for k in chunk}
+                known = [(k, v) for k, v in found.items() if v is not None]
+                if known:
+                    _, flags = batcher.tokenize_flagged([inputs[k].record.text for k, _ in known])
+                    for (k, vector), cut in zip(known, flags, strict=True):
+                        entry.ids.append(item.ids[k])
+                        entry.rows.append(caption_row(inputs[k], hashes[k], bool(cut)))
+                        entry.reused.append(vector)
+                    self.progress.advance(len(known))
+                part = [k for k, v in found.items() if v is None]
+                if not part:
+                    continue
                 while (worker := self.x._actor()) is None:
                     yield from self._drain()
                     self._wait()
-                part = todo[start : start + step]
                 call = self.x._actors[worker].texts.options(num_returns=2)
-                out, stats = call.remote([inputs[j].record.text for j in part])
+                out, stats = call.remote([inputs[k].record.text for k in part])
                 self._sent(worker, stats)
-                entry.later += [(item.ids[j], caption_row(inputs[j], hashes[j], False)) for j in part]
+                entry.later += [(item.ids[k], caption_row(inputs[k], hashes[k], False)) for k in part]
                 entry.parts.append((out, np.arange(len(part))))
             self._ready(position)
             yield from self._drain()
