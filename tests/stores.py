@@ -3,16 +3,22 @@ rows of a store, a canonical form to compare two stores, and the CLI arguments o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from retrieval import ModelSpec
+from retrieval.ann.faiss_index import IndexConfig, build_collection_index
 from retrieval.build.pipeline import BuildConfig
 from retrieval.cli import index_app, run
-from retrieval.store.folder import Store
+from retrieval.model.fingerprint import ModelFingerprint
+from retrieval.store.folder import Store, new_manifest
+from retrieval.store.manifest import CollectionState
+from retrieval.store.schema import ImageRow, schema, shard_table, table_description
 
 
 def build_config(tmp_path: Path, corpus: Path, checkpoint: Path, towers: tuple[Path, Path]) -> BuildConfig:
@@ -107,3 +113,49 @@ def build_args(config: BuildConfig, *extra: str) -> list[str]:
         "1",
         *extra,
     ]
+
+
+def seeded_store(
+    folder: Path,
+    vectors: np.ndarray,
+    *,
+    ids: np.ndarray | None = None,
+    digests: list[str] | None = None,
+    shard_rows: int = 1000,
+    kind: str = "flat",
+) -> Path:
+    """An index folder of ``vectors`` (unit norm) as images, with a FAISS index of ``kind``: the
+    rows through ``shard_table`` in shards of ``shard_rows`` (stored in reverse order of id, so that
+    no reader may take file order for id order), paths ``img/<id>.jpg``, ``digests`` as sha256."""
+    n, dim = vectors.shape
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    digests = digests or [f"{i:064x}" for i in ids]
+    fingerprint = ModelFingerprint("seeded", "text", "vision", "tokenizer", "preprocess", dim).to_dict()
+    with Store.open(folder, write=True) as store:
+        manifest = store.commit_catalog(new_manifest({"fingerprint": fingerprint}))
+        refs = []
+        for start in range(0, n, shard_rows):
+            part = slice(start, start + shard_rows)
+            rows = [
+                ImageRow(f"img/{i}.jpg", d, 1, 0, 8, 8) for i, d in zip(ids[part], digests[part], strict=True)
+            ]
+            table = shard_table("images", ids[part][::-1], rows[::-1], vectors[part][::-1], fingerprint)
+            refs.append(store.write_table(f"images/part-{start:09d}.parquet", table))
+        state = CollectionState(next_id=int(ids.max()) + 1, counts={"indexed": n}, root=str(folder))
+        state = store.commit_rows(
+            store.table("images"),
+            state,
+            schema("images", dim),
+            table_description("images", fingerprint),
+            refs,
+        )
+        store.manifest = dataclasses.replace(manifest, collections={"images": state})
+        record = build_collection_index(store, "images", IndexConfig(kind=kind), None, "self")
+        assert record is not None
+        record = dataclasses.replace(record, version=state.version, rows_version=state.rows_version)
+        store.commit_catalog(
+            dataclasses.replace(
+                store.manifest, collections={"images": dataclasses.replace(state, index=record)}
+            )
+        )
+    return folder

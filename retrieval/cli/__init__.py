@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from retrieval.cli import evaluate, index, model, search, serve, train
+from retrieval.cli import collection, evaluate, index, model, search, serve, train
 from retrieval.errors import RetrievalError, RetrievalWarning
 
 __all__ = ["app", "exit_promptly", "index_app", "index_main", "main", "run", "search_app", "search_main"]
@@ -61,6 +61,8 @@ app.command("embed")(model.embed)
 app.command("eval")(evaluate.evaluate)
 app.command("train")(train.train)
 app.command("serve")(serve.serve)
+app.command("neighbors")(collection.neighbors)
+app.command("duplicates")(collection.duplicates)
 model_app.command("info")(model.model_info)
 index_app.command("build")(index.index_build)
 index_app.command("info")(index.index_info)

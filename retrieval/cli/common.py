@@ -103,6 +103,8 @@ _STAGES = {
     "captions": ("encoding captions", "caption"),
     "decoding": ("decoding images", "image"),
     "steps": ("training", "step"),
+    "neighbors": ("neighbours", "item"),
+    "reading vectors": ("reading vectors", "row"),
 }
 
 

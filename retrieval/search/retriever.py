@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from retrieval.model.encoder import Encoder, ImageInput
 from retrieval.search.filters import Where, matching_ids, needed_columns, parse_where
 from retrieval.search.hits import Hit, folded, user_fields
 from retrieval.search.modelref import load_index_encoder
+from retrieval.search.neighbors import Method, NeighborBlock, NeighborsConfig, neighbor_blocks
 from retrieval.search.rowsource import RowSource
 from retrieval.store.folder import Store
 from retrieval.store.location import ModelPaths, remember_model
@@ -354,6 +355,23 @@ class Retriever:
             if len(hits) >= k or (ids[0] < 0).any() or fetch >= self.size(target):
                 return hits[:k]
             fetch *= 4
+
+    def neighbors(
+        self,
+        k: int = 50,
+        source: Target = "images",
+        target: Target = "images",
+        *,
+        method: Method = "exact",
+        block_rows: int = 16_384,
+        distinct: bool = False,
+    ) -> Iterator[NeighborBlock]:
+        """Every live ``source`` row's top ``k`` in ``target`` (itself left out), a ``NeighborBlock``
+        of ``block_rows`` source rows at a time, ids ascending: exact (BLAS blocks) or through the
+        target's FAISS index. ``distinct``: files of identical content count once. For a file on
+        disk, resumable, see ``retrieval.search.neighbors.write_neighbors``."""
+        config = NeighborsConfig(source, target, k, method, block_rows, distinct=distinct)
+        return neighbor_blocks(self, config)
 
     def size(self, target: Target) -> int:
         """How many rows ``target`` has in search."""
