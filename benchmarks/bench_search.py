@@ -21,18 +21,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
-from common import make_model_dir
+from common import make_model_dir, vector_store
 
 from retrieval import Store
 from retrieval.ann.faiss_index import IndexRecord, load_index, recall_at
 from retrieval.search.retriever import Retriever
-from retrieval.store.manifest import CollectionState, Manifest
-from retrieval.vectors import embedding_array, embedding_matrix
+from retrieval.vectors import embedding_matrix
 
 _BUILD = """
 import json, sys
@@ -46,7 +46,8 @@ with Store.open(folder, write=True) as store:
     record = build_collection_index(store, "images", IndexConfig(kind=sys.argv[2]), queries, "captions")
     state = store.manifest.collections["images"]
     from dataclasses import replace
-    store.commit(replace(store.manifest, collections={"images": replace(state, index=record.to_dict())}))
+    record = replace(record, version=state.version, rows_version=state.rows_version)
+    store.commit_catalog(replace(store.manifest, collections={"images": replace(state, index=record)}))
 hwm = next(l.split()[1] for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
 print(json.dumps({"record": record.to_dict(), "peak_rss_mb": int(hwm) / 1024}))
 """
@@ -60,28 +61,15 @@ def clustered(rng: np.random.Generator, centres: np.ndarray, n: int, noise: floa
 
 
 def write_store(folder: Path, n: int, dim: int, rng: np.random.Generator, centres: np.ndarray) -> None:
-    """A store of ``n`` vectors in shards of 100k, with paths, written through the Store API."""
-    with Store.open(folder, write=True) as store:
-        shards = []
+    """A store of ``n`` vectors in data files of 100k, with paths, written through the Store API."""
+
+    def files() -> Iterator[tuple[np.ndarray, list[str], list[str], np.ndarray]]:
         for start in range(0, n, 100_000):
-            count = min(100_000, n - start)
-            vectors = clustered(rng, centres, count, 0.3).astype(np.float32)
-            ids = np.arange(start, start + count, dtype=np.int64)
-            table = pa.table(
-                {
-                    "id": pa.array(ids),
-                    "path": pa.array([f"photos/{i:07d}.jpg" for i in ids]),
-                    "sha256": pa.array([""] * count),
-                    "size": pa.array(np.zeros(count, np.int64)),
-                    "width": pa.array(np.zeros(count, np.int32)),
-                    "height": pa.array(np.zeros(count, np.int32)),
-                    "flags": pa.array([[] for _ in range(count)], pa.list_(pa.string())),
-                    "embedding": embedding_array(vectors),
-                }
-            )
-            shards.append(store.write_table(f"images/shard-{start:012d}.parquet", table))
-        state = CollectionState(shards=tuple(shards), next_id=n, root="/", counts={"indexed": n})
-        store.commit(Manifest(1, 1, {"fingerprint": {"dim": dim, "digest": "bench"}}, {"images": state}))
+            ids = np.arange(start, min(n, start + 100_000), dtype=np.int64)
+            vectors = clustered(rng, centres, len(ids), 0.3).astype(np.float32)
+            yield ids, [f"photos/{i:07d}.jpg" for i in ids], [""] * len(ids), vectors
+
+    vector_store(folder, files(), dim)
 
 
 def qps(search, queries: np.ndarray) -> float:  # type: ignore[no-untyped-def]
@@ -163,14 +151,14 @@ def main() -> None:
         model_dir = Path(tmp) / "model"
         model_dir.mkdir()
         spec = make_model_dir(model_dir, rng)
-        manifest = json.loads((folder / "manifest.json").read_text())
         from retrieval import Encoder
 
         encoder = Encoder.load(spec, device="cpu")
         # The vectors are synthetic; the store adopts the real-size text tower so that queries
         # run through the whole library path.
-        manifest["model"]["fingerprint"] = encoder.fingerprint.to_dict()  # type: ignore[union-attr]
-        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with Store.open(folder, write=True) as store:
+            adopted = {"fingerprint": encoder.fingerprint.to_dict()}  # type: ignore[union-attr]
+            store.commit_catalog(replace(store.manifest, model=adopted))  # type: ignore[arg-type]
         texts = [f"a photo of a dog number {i} on the street" for i in range(50)]
         with Retriever.open(folder, encoder=encoder) as retriever:
             retriever.search_text(texts[0])  # warm: index, rows, kernels

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +121,43 @@ def seed_caption_loop(model: MultiModalEncoder, runtime: Runtime, captions: list
         for caption in captions:
             inputs = model.text_tokenizer(caption, return_tensors="pt", padding=True, truncation=True)
             model.encode_text(inputs).cpu()
+
+
+def vector_store(
+    folder: Path,
+    files: Iterable[tuple[np.ndarray, list[str], list[str], np.ndarray]],
+    dim: int,
+    root: str = "/",
+    index: str | None = None,
+) -> None:
+    """An index folder of given vectors, as images, written through the Store API: each of
+    ``files`` is one data file, ``(ids, paths, sha256s, vectors)``; then, with ``index`` (a kind),
+    its FAISS index, built and published as ``index build`` would."""
+    import dataclasses
+
+    from retrieval import Store
+    from retrieval.ann.faiss_index import IndexConfig, build_collection_index
+    from retrieval.model.fingerprint import ModelFingerprint
+    from retrieval.store.folder import new_manifest
+    from retrieval.store.manifest import CollectionState
+    from retrieval.store.schema import ImageRow, schema, shard_table, table_description
+
+    fingerprint = ModelFingerprint("bench", "text", "vision", "tokenizer", "preprocess", dim).to_dict()
+    with Store.open(folder, write=True) as store:
+        manifest = store.commit_catalog(new_manifest({"fingerprint": fingerprint}))
+        refs, rows = [], 0
+        for number, (ids, paths, digests, vectors) in enumerate(files):
+            records = [ImageRow(p, d, 1, 0, 1, 1) for p, d in zip(paths, digests, strict=True)]
+            table = shard_table("images", ids, records, vectors, fingerprint)
+            refs.append(store.write_table(f"images/part-{number:05d}.parquet", table))
+            rows += len(ids)
+        state = CollectionState(next_id=rows, counts={"indexed": rows}, root=root)
+        description = table_description("images", fingerprint)
+        state = store.commit_rows(store.table("images"), state, schema("images", dim), description, refs)
+        store.manifest = store.commit_catalog(dataclasses.replace(manifest, collections={"images": state}))
+        if index is not None:
+            record = build_collection_index(store, "images", IndexConfig(kind=index), None, "self")
+            assert record is not None
+            record = dataclasses.replace(record, version=state.version, rows_version=state.rows_version)
+            published = {"images": dataclasses.replace(state, index=record)}
+            store.commit_catalog(dataclasses.replace(store.manifest, collections=published))

@@ -23,6 +23,11 @@ _EXPORTS = {
     "Store": "retrieval.store.folder",
     "Retriever": "retrieval.search.retriever",
     "Hit": "retrieval.search.hits",
+    "Term": "retrieval.search.compose",
+    "NeighborsConfig": "retrieval.search.neighbors",
+    "write_neighbors": "retrieval.search.neighbors",
+    "DuplicatesConfig": "retrieval.search.duplicates",
+    "find_duplicates": "retrieval.search.duplicates",
     "IndexConfig": "retrieval.ann.faiss_index",
     "StoreError": "retrieval.errors",
     "IndexMismatchError": "retrieval.errors",
@@ -50,6 +55,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "ConfigError",
+    "DuplicatesConfig",
     "Encoder",
     "EvalConfig",
     "EvalReport",
@@ -61,20 +67,24 @@ __all__ = [
     "ModelFingerprint",
     "ModelSpec",
     "MultiModalEncoder",
+    "NeighborsConfig",
     "RetrievalError",
     "Retriever",
     "Runtime",
     "Store",
     "StoreError",
+    "Term",
     "TrainConfig",
     "TrainReport",
     "__version__",
     "build_index",
     "evaluate",
+    "find_duplicates",
     "load_checkpoint",
     "load_model",
     "resolve_runtime",
     "train",
+    "write_neighbors",
 ]
 
 if TYPE_CHECKING:
@@ -97,7 +107,10 @@ if TYPE_CHECKING:
     from retrieval.model.fingerprint import ModelFingerprint
     from retrieval.model.runtime import Runtime, resolve_runtime
     from retrieval.model.spec import ModelSpec
+    from retrieval.search.compose import Term
+    from retrieval.search.duplicates import DuplicatesConfig, find_duplicates
     from retrieval.search.hits import Hit
+    from retrieval.search.neighbors import NeighborsConfig, write_neighbors
     from retrieval.search.retriever import Retriever
     from retrieval.store.folder import Store
     from retrieval.training.config import TrainConfig, TrainReport

@@ -21,11 +21,12 @@ import numpy as np
 from PIL import Image
 
 from retrieval.errors import RetrievalError
+from retrieval.search.compose import Term, split_weight
 from retrieval.search.hits import Hit
 
 __all__ = ["Client", "ServiceCallError"]
 
-_KNOWN = {"rank", "id", "score", "path", "text"}
+_KNOWN = {"rank", "id", "score", "path", "text", "confidence"}
 
 
 class ServiceCallError(RetrievalError):
@@ -57,6 +58,27 @@ class Client:
         self, image: Image.Image | str | Path | bytes, k: int = 10, target: str = "captions", **options: Any
     ) -> list[Hit]:
         body = self._body(image=_base64(image), k=k, target=target, **options)
+        return self._hits(self._post("/v1/search", body), target)
+
+    def search_composed(
+        self,
+        plus: Sequence[Term | str],
+        minus: Sequence[Term | str] = (),
+        k: int = 10,
+        target: str = "images",
+        **options: Any,
+    ) -> list[Hit]:
+        """``Retriever.search_composed`` through the service; a string part is a text
+        (``"2:a dog"`` weighted), never a file name: give images as ``Term(image=...)``."""
+        if not plus:
+            raise ServiceCallError(422, "a composed query needs at least one part to search for")
+        first, *rest = [_part(p) for p in plus]
+        # The body's own query has weight 1: the others' weights are taken relative to the first's,
+        # which the normalised sum does not see.
+        scale = first.pop("weight")
+        others = [p | {"weight": p["weight"] / scale} for p in rest]
+        less = [p | {"weight": p["weight"] / scale} for p in map(_part, minus)]
+        body = self._body(**first, k=k, target=target, plus=others or None, minus=less or None, **options)
         return self._hits(self._post("/v1/search", body), target)
 
     def search_id(
@@ -126,6 +148,7 @@ class Client:
                 path=h.get("path"),
                 text=h.get("text"),
                 fields={k: v for k, v in h.items() if k not in _KNOWN},
+                confidence=h.get("confidence"),
             )
             for h in data["hits"]
         ]
@@ -148,6 +171,18 @@ def _checked(response: httpx.Response) -> dict[str, Any]:
             message = response.text
         raise ServiceCallError(response.status_code, str(message))
     return response.json()
+
+
+def _part(term: Term | str) -> dict[str, Any]:
+    """A query part as the service's body takes it."""
+    if isinstance(term, str):
+        weight, text = split_weight(term)
+        return {"text": text, "weight": weight}
+    if term.text is not None:
+        return {"text": term.text, "weight": term.weight}
+    if term.image is not None:
+        return {"image": _base64(term.image), "weight": term.weight}
+    return {"vector": np.asarray(term.vector, dtype=np.float32).tolist(), "weight": term.weight}
 
 
 def _base64(image: Image.Image | str | Path | bytes) -> str:

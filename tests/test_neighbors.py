@@ -274,12 +274,10 @@ def test_the_threshold_from_random_pairs_finds_planted_copies(tmp_path: Path) ->
     assert report.threshold.auto
     assert report.threshold.value == pytest.approx(null.threshold(1e-3 / 2_999), abs=1e-6)
     assert report.threshold.item_rate == pytest.approx(1e-3, rel=0.01)
-    scores = vectors @ vectors.T
-    assert (
-        scores[np.triu_indices(3_000, 1)][~np.isin(np.triu_indices(3_000, 1)[1], list(planted))].max()
-        < report.threshold.value
-    )
-    assert {tuple(sorted(g.ids.tolist())) for g in report.groups} == {(b, c) for c, b in planted.items()}
+    groups = {tuple(sorted(g.ids.tolist())) for g in report.groups}
+    assert {(b, c) for c, b in planted.items()} <= groups  # every planted copy found
+    # At about 0.001 false partners an item, 3,000 items expect about 3 items in false pairs.
+    assert len(groups - {(b, c) for c, b in planted.items()}) <= 6
     assert "chosen" in report.threshold.describe("images")
 
 

@@ -17,7 +17,7 @@ from corpus import _bomb_png, make_corpus
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from retrieval import BuildConfig, ModelSpec, Retriever, build_index
+from retrieval import BuildConfig, ModelSpec, Retriever, Term, build_index
 from retrieval.errors import ConfigError, InputError
 from retrieval.service.app import create_app
 from retrieval.service.config import ServeConfig
@@ -452,3 +452,50 @@ def test_the_serve_command_refuses_bad_settings_in_one_line(
         assert stopped.value.code == 2
         err = capsys.readouterr().err.strip()
         assert message in err and err.startswith("error:") and "Traceback" not in err
+
+
+def test_composed_folded_and_calibrated_searches(client: TestClient, built: BuildConfig) -> None:
+    picture = built.images / "photos" / "big.jpg"
+    encoded = base64.b64encode(picture.read_bytes()).decode()
+    with Retriever.open(built.out, device="cpu") as r:
+        composed = r.search_composed(["a dog", f"2:{picture}"], ["a red car"], k=5)
+        folded = r.search_text("a dog", k=5, dedup=0.99)
+        sure = r.search_text("a dog", k=5, min_confidence=0.5)
+        weird = r.search_composed(["a dog", Term(text="/etc/passwd", weight=2)], k=3)
+    body = {"text": "a dog", "plus": [{"image": encoded, "weight": 2}], "minus": ["a red car"], "k": 5}
+    answer = client.post("/v1/search", json=body).json()
+    assert as_pairs(answer["hits"]) == library_pairs(composed)
+    assert [h["confidence"] for h in answer["hits"]] == pytest.approx(
+        [h.confidence for h in composed], abs=1e-4
+    )
+    by_dedup = client.post("/v1/search", json={"text": "a dog", "k": 5, "dedup": 0.99}).json()["hits"]
+    assert as_pairs(by_dedup) == library_pairs(folded)
+    assert [h.get("near_duplicates", []) for h in by_dedup] == [
+        h.fields.get("near_duplicates", []) for h in folded
+    ]
+    floor = client.post("/v1/search", json={"text": "a dog", "k": 5, "min_confidence": 0.5}).json()["hits"]
+    assert as_pairs(floor) == library_pairs(sure)
+    nothing = client.post("/v1/search", json={"text": "a dog", "k": 5, "min_confidence": 1.0}).json()
+    assert nothing["hits"] == []
+    # A string names no file of the server's: "/etc/passwd" is searched as words.
+    text_only = client.post("/v1/search", json={"text": "a dog", "plus": ["2:/etc/passwd"], "k": 3}).json()
+    assert as_pairs(text_only["hits"]) == library_pairs(weird)
+    by_id = client.post("/v1/search", json={"text": "a dog", "plus": [{"id": composed[0].id}], "k": 3})
+    assert by_id.status_code == 200
+    upload = client.post(
+        "/v1/search/image",
+        files={"file": ("q.jpg", picture.read_bytes(), "image/jpeg")},
+        data={"k": "3", "target": "images", "plus": "a dog", "dedup": "0.99"},
+    )
+    assert upload.status_code == 200 and len(upload.json()["hits"]) == 3
+    assert "weight" in error_of(
+        client.post("/v1/search", json={"text": "a", "plus": [{"text": "b", "weight": 0}]}), 422
+    )
+    assert "exactly one" in error_of(
+        client.post("/v1/search", json={"text": "a", "plus": [{"weight": 2}]}), 422
+    )
+    assert "cancel" in error_of(client.post("/v1/search", json={"text": "a dog", "minus": ["a dog"]}), 422)
+    assert "dedup" in error_of(client.post("/v1/search", json={"text": "a", "dedup": 3}), 422)
+    assert "no images with id" in error_of(
+        client.post("/v1/search", json={"text": "a", "plus": [{"id": 10**6}]}), 404
+    )

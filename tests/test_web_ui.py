@@ -11,6 +11,8 @@ import pytest
 from served import Served
 from test_service import build
 
+from retrieval import Retriever
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -118,6 +120,25 @@ def test_search_upload_more_like_this_and_errors_in_chromium(
         upload.send_keys(str(broken))
         wait_for(browser, lambda d: error.is_displayed() and "cannot decode image" in error.text)
         assert not cards(browser)
+
+        # A composed query with near-duplicates folded: the library's answer, confidence shown.
+        browser.find_element(By.CSS_SELECTOR, "input[name=target][value=images]").click()
+        browser.find_element(By.ID, "plus").send_keys("2:a cat")
+        browser.find_element(By.ID, "minus").send_keys("a red car")
+        browser.find_element(By.ID, "dedup").click()
+        query.clear()
+        query.send_keys("a dog", Keys.ENTER)
+        wait_for(browser, lambda d: "+ 2:a cat − a red car" in status.text and cards(d))
+        with Retriever.open(config.out, device="cpu") as retriever:
+            expected = retriever.search_composed(["a dog", "2:a cat"], ["a red car"], k=6, dedup=0.95)
+        assert [int(c.get_attribute("data-id")) for c in cards(browser)] == [h.id for h in expected]
+        assert len(expected) < 6  # the tiny tower's pictures are near one another: some were folded
+        assert "%" in cards(browser)[0].find_element(By.CSS_SELECTOR, ".score").text
+        # A confidence no result reaches: "no good match", an empty grid.
+        browser.find_element(By.ID, "confidence").send_keys("1")
+        query.send_keys(Keys.ENTER)
+        wait_for(browser, lambda d: "No good match" in status.text)
+        assert not cards(browser) and not error.is_displayed()
 
         # Keyboard: "/" focuses the search box from anywhere.
         browser.find_element(By.TAG_NAME, "body").click()

@@ -39,6 +39,8 @@ import faiss
 import numpy as np
 
 from retrieval.ann.axes import PrincipalAxes, principal_axes
+from retrieval.ann.calibration import SAMPLE as CALIBRATION_SAMPLE
+from retrieval.ann.calibration import calibrate
 from retrieval.ann.exact import recall_at, recall_within_ties, tie_groups
 from retrieval.ann.rerank import Rerank, RerankWriter
 from retrieval.ann.sampling import live_count, live_vectors, sample_vectors, store_dim
@@ -297,6 +299,7 @@ def build_collection_index(
     # Named by the catalog write that will record them: a file a reader may hold is never rewritten.
     stem = f"faiss/{collection}-{kind}-g{(store.manifest.generation if store.manifest else 0) + 1:06d}"
     axes: PrincipalAxes | None = None
+    kept: np.ndarray | None = None  # a few thousand of the training sample, for the calibration
     if kind in ("flat", "hnsw"):
         index = _make(plan)
     else:
@@ -306,6 +309,7 @@ def build_collection_index(
             reason = f"{reason}; coded {axes.describe()}" if reason else f"coded {axes.describe()}"
         index = _make(plan, axes)
         index.train(sample)
+        kept = sample[np.random.default_rng([config.seed, 1]).permutation(len(sample))[:CALIBRATION_SAMPLE]]
         del sample
     rerank: Rerank | None = None
     if kind in _RERANKED:
@@ -325,6 +329,9 @@ def build_collection_index(
     if index.ntotal != n:
         raise StoreError(f"{collection}: {index.ntotal:,} vectors read, {n:,} counted: the rows changed")
 
+    others = {} if queries is None or queries_from == "self" else {queries_from: queries}
+    calibration = calibrate(store, collection, others, config.seed, kept)
+    del kept
     param = {"ivf": "nprobe", "ivfsq": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(kind)
     search_index = SearchIndex(index, kind, param, None, rerank=rerank)
     if queries is None or len(queries) == 0:
@@ -365,6 +372,7 @@ def build_collection_index(
         reason=reason,
         requested=config.kind,
         rerank=rerank_ref,
+        calibration=calibration,
     )
 
 

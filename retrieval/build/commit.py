@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval import durable
+from retrieval.ann.calibration import calibrate
 from retrieval.ann.faiss_index import IndexConfig, build_collection_index, sample_vectors
 from retrieval.build.execute import ItemResult
 from retrieval.build.plan import CollectionPlan, plan_table
@@ -370,16 +371,19 @@ class Committer:
                 and state.index_current
                 and config.kind in ("auto", current.kind, current.requested)
             ):
-                if current.version != state.version:  # newer files, same rows: readers may move on
-                    self.target.commit_index(name, replace(current, version=state.version))
+                moved = replace(current, version=state.version)
+                if current.calibration is None:  # an index built before scores were calibrated
+                    queries = self._queries(name, config)
+                    others = {} if queries is None else {_other(name): queries}
+                    moved = replace(
+                        moved, calibration=calibrate(self.target.view(), name, others, config.seed)
+                    )
+                if moved != current:  # newer files, same rows: readers may move on
+                    self.target.commit_index(name, moved)
                 continue
             view = self.target.view()
-            other = "captions" if name == "images" else "images"
-            queries = None
-            if self.target.state(other).counts.get("indexed", 0):
-                queries = sample_vectors(
-                    view, other, config.tuning_queries, np.random.default_rng(config.seed)
-                )
+            other = _other(name)
+            queries = self._queries(name, config)
             progress.start(f"{name} index", 1)
             record = build_collection_index(view, name, config, queries, other)
             progress.advance(1)
@@ -390,6 +394,15 @@ class Committer:
             self.target.commit_index(name, record)
             built[name] = record
         return built
+
+    def _queries(self, name: str, config: IndexConfig) -> np.ndarray | None:
+        """A sample of the other collection's vectors: the queries an index of ``name`` serves."""
+        other = _other(name)
+        if not self.target.state(other).counts.get("indexed", 0):
+            return None
+        return sample_vectors(
+            self.target.view(), other, config.tuning_queries, np.random.default_rng(config.seed)
+        )
 
     def _rewrite(
         self,
@@ -435,6 +448,10 @@ class Committer:
                 first = int(table.column("id").to_numpy()[0])
                 adds.append(self.store.write_table(self.target.file_name(name, "shard", first), table))
         return tuple(adds), tuple(removes)
+
+
+def _other(name: str) -> str:
+    return "captions" if name == "images" else "images"
 
 
 def _counts(indexed: int, outcomes: list[Outcome]) -> dict[str, int]:

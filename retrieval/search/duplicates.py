@@ -81,14 +81,26 @@ class Threshold:
     pair_rate: float  # P(random pair > value), from the collection's null
     item_rate: float  # expected false partners an item: pair_rate x (N - 1)
     pairs: int  # random pairs the null was measured on
+    wanted: float | None = None  # auto: the false partners an item asked for
+
+    @property
+    def met(self) -> bool:
+        """Whether the threshold meets the false-match rate asked for (auto only)."""
+        return self.wanted is None or self.item_rate <= self.wanted * 1.001
 
     def describe(self, collection: str) -> str:
         how = "chosen" if self.auto else "given"
-        return (
+        text = (
             f"threshold {self.value:.4f} ({how}: a random pair of {collection} scores above it with "
             f"probability {self.pair_rate:.1e}, from {self.pairs:,} pairs; about {self.item_rate:.1e} "
             "false partners an item)"
         )
+        if not self.met:
+            text += (
+                f"; no threshold meets {self.wanted:g} false partners an item: this model puts "
+                "unrelated items at the same vector"
+            )
+        return text
 
 
 @dataclass(frozen=True)
@@ -355,7 +367,7 @@ def _threshold(null: ScoreNull, config: DuplicatesConfig, items: int) -> Thresho
         return Threshold(config.threshold, False, rate, rate * others, null.pairs)
     value = null.threshold(config.false_match_rate / others)
     rate = float(null.survival(value))
-    return Threshold(value, True, rate, rate * others, null.pairs)
+    return Threshold(value, True, rate, rate * others, null.pairs, config.false_match_rate)
 
 
 def _labels(retriever: Retriever, collection: str, ids: np.ndarray | None) -> dict[int, str]:

@@ -12,7 +12,9 @@ __all__ = ["BUILT_IN_FIELDS", "Hit", "folded", "user_fields"]
 
 @dataclass(frozen=True)
 class Hit:
-    """One result: rank (from 1), id, cosine score, and the row's fields."""
+    """One result: rank (from 1), id, cosine score, the row's fields, and how unusual the score is
+    (``confidence``: the fraction of random pairs of the query's kind and the collection that
+    score lower; None when unknown)."""
 
     rank: int
     id: int
@@ -21,9 +23,12 @@ class Hit:
     path: str | None = None  # images: absolute path
     text: str | None = None  # captions
     fields: dict[str, Any] = field(default_factory=dict)
+    confidence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rank": self.rank, "id": self.id, "score": round(self.score, 6)}
+        if self.confidence is not None:
+            out["confidence"] = round(self.confidence, 9)
         out |= {"path": self.path} if self.path is not None else {"text": self.text}
         return out | self.fields
 
@@ -32,7 +37,7 @@ class Hit:
 # filtered) as ``meta.<name>`` instead, so it never hides the built-in value.
 BUILT_IN_FIELDS = frozenset(
     {"rank", "id", "score", "collection", "path", "text", "source", "row", "image", "sha256", "size"}
-    | {"mtime_ns", "width", "height", "flags", "metadata", "identical"}
+    | {"mtime_ns", "width", "height", "flags", "metadata", "identical", "confidence", "near_duplicates"}
 )
 
 

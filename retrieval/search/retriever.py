@@ -8,6 +8,7 @@ results carry. Scores are cosine similarities. ``allow_ids`` restricts a search 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from retrieval.ann.calibration import ScoreNull
 from retrieval.ann.faiss_index import SearchIndex, load_index
 from retrieval.errors import (
     ConfigError,
@@ -29,6 +31,7 @@ from retrieval.errors import (
     UnknownIdError,
 )
 from retrieval.model.encoder import Encoder, ImageInput
+from retrieval.search.compose import Term, combine, fold_near
 from retrieval.search.filters import Where, matching_ids, needed_columns, parse_where
 from retrieval.search.hits import Hit, folded, user_fields
 from retrieval.search.modelref import load_index_encoder
@@ -39,7 +42,7 @@ from retrieval.store.location import ModelPaths, remember_model
 from retrieval.store.manifest import Manifest
 from retrieval.vectors import embedding_matrix
 
-__all__ = ["Hit", "Retriever", "Target", "parse_where"]
+__all__ = ["Hit", "Retriever", "Target", "Term", "parse_where"]
 
 Target = Literal["images", "captions"]
 _ROW_COLUMNS = {
@@ -315,11 +318,21 @@ class Retriever:
         allow_ids: Sequence[int] | np.ndarray | None = None,
         *,
         fold_identical: bool = False,
+        dedup: float | None = None,
+        min_confidence: float | None = None,
     ) -> list[Hit]:
-        """The top ``k`` as ``Hit``s. ``fold_identical``: files of identical content (and equal
-        captions) count once, as their best hit, the others listed in its ``identical``."""
+        """The top ``k`` as ``Hit``s, each with its ``confidence`` (see ``search_vector``)."""
         vector = self.encode_queries([text])
-        return self.search_vector(vector[0], k, target, allow_ids, fold_identical=fold_identical)
+        return self.search_vector(
+            vector[0],
+            k,
+            target,
+            allow_ids,
+            fold_identical=fold_identical,
+            dedup=dedup,
+            min_confidence=min_confidence,
+            query_from="captions",
+        )
 
     def search_image(
         self,
@@ -329,9 +342,69 @@ class Retriever:
         allow_ids: Sequence[int] | np.ndarray | None = None,
         *,
         fold_identical: bool = False,
+        dedup: float | None = None,
+        min_confidence: float | None = None,
     ) -> list[Hit]:
         vector = self.encode_images([image])
-        return self.search_vector(vector[0], k, target, allow_ids, fold_identical=fold_identical)
+        return self.search_vector(
+            vector[0],
+            k,
+            target,
+            allow_ids,
+            fold_identical=fold_identical,
+            dedup=dedup,
+            min_confidence=min_confidence,
+            query_from="images",
+        )
+
+    def search_composed(
+        self,
+        plus: Sequence[Term | str],
+        minus: Sequence[Term | str] = (),
+        k: int = 10,
+        target: Target = "images",
+        allow_ids: Sequence[int] | np.ndarray | None = None,
+        *,
+        fold_identical: bool = False,
+        dedup: float | None = None,
+        min_confidence: float | None = None,
+    ) -> list[Hit]:
+        """The top ``k`` for the normalised weighted sum of ``plus`` minus ``minus`` (``Term``s, or
+        strings as ``Term.parse`` reads them: ``"2:a dog"``, ``"photo.jpg"``). Confidence is
+        measured as for the heaviest part's kind (a text: as text queries)."""
+        plus_terms = [t if isinstance(t, Term) else Term.parse(t) for t in plus]
+        minus_terms = [t if isinstance(t, Term) else Term.parse(t) for t in minus]
+        heaviest = max(plus_terms, key=lambda t: t.weight) if plus_terms else None
+        return self.search_vector(
+            self.compose(plus_terms, minus_terms),
+            k,
+            target,
+            allow_ids,
+            fold_identical=fold_identical,
+            dedup=dedup,
+            min_confidence=min_confidence,
+            query_from=heaviest.modality if heaviest else None,  # type: ignore[arg-type]
+        )
+
+    def compose(self, plus: Sequence[Term], minus: Sequence[Term] = ()) -> np.ndarray:
+        """The query vector (D,) float32 of ``plus`` minus ``minus``: texts encoded in one forward,
+        images in another."""
+        terms = [*plus, *minus]
+        vectors: list[np.ndarray | None] = [t.vector for t in terms]
+        texts = [n for n, t in enumerate(terms) if t.text is not None]
+        images = [n for n, t in enumerate(terms) if t.image is not None]
+        if texts:
+            for n, v in zip(texts, self.encode_queries([str(terms[n].text) for n in texts]), strict=True):
+                vectors[n] = v
+        if images:
+            for n, v in zip(images, self.encode_images([terms[n].image for n in images]), strict=True):  # type: ignore[misc]
+                vectors[n] = v
+        dim = int(self.manifest.model["fingerprint"]["dim"])
+        for v in vectors:
+            if v is None or np.asarray(v).shape != (dim,):
+                raise ConfigError(f"a query part's vector must be ({dim},) float32")
+        parts = [(t.weight, v) for t, v in zip(terms, vectors, strict=True)]
+        return combine(parts[: len(plus)], parts[len(plus) :])  # type: ignore[arg-type]
 
     def search_vector(
         self,
@@ -341,20 +414,70 @@ class Retriever:
         allow_ids: Sequence[int] | np.ndarray | None = None,
         *,
         fold_identical: bool = False,
+        dedup: float | None = None,
+        min_confidence: float | None = None,
+        query_from: Target | None = None,
     ) -> list[Hit]:
-        """One query vector (D,) -> its top ``k`` ``Hit``s (see ``search_text``)."""
-        if not fold_identical:
-            ids, scores = self.search_vectors(vector, k, target, allow_ids)
-            return self.hits(ids[0], scores[0], target)
-        # Folding needs more candidates than k: fetch more until k distinct contents are found
-        # or the collection has no more.
-        fetch = 2 * k
+        """One query vector (D,) -> its top ``k`` ``Hit``s.
+
+        ``fold_identical``: files of identical content (and equal captions) count once, as their
+        best hit, the others listed in its ``identical``. ``dedup`` T: hits within cosine T of a
+        better one are folded into the best such (their ids in its ``near_duplicates``), and more
+        are fetched until ``k`` remain; the folded are those ranked above the last hit returned.
+        ``query_from``: the collection the query is like ("captions" for a text, "images" for an
+        image): each hit's ``confidence`` is then the fraction of random pairs of that direction
+        its score beats; ``min_confidence`` keeps only hits at or above it (an empty list: no good
+        match).
+        """
+        null = self.calibration(target, query_from) if query_from is not None else None
+        if min_confidence is not None:
+            if not 0.0 <= min_confidence <= 1.0:
+                raise ConfigError(f"a confidence is a fraction in [0, 1], got {min_confidence}")
+            if null is None:
+                raise ConfigError(
+                    f"{self.store.folder}: no score calibration for {query_from or 'vector'} queries on "
+                    f"{target}: rerun `index build` to record it"
+                )
+        if dedup is not None and not -1.0 <= dedup <= 1.0:
+            raise ConfigError(f"dedup is a cosine in [-1, 1], got {dedup}")
+        fetch = k if not (fold_identical or dedup is not None) else 2 * k
         while True:
             ids, scores = self.search_vectors(vector, fetch, target, allow_ids)
-            hits = folded(self.hits(ids[0], scores[0], target))
-            if len(hits) >= k or (ids[0] < 0).any() or fetch >= self.size(target):
-                return hits[:k]
+            hits = self.hits(ids[0], scores[0], target, null)
+            if fold_identical:
+                hits = folded(hits)
+            if dedup is not None:
+                hits = self._fold_near(hits, target, dedup, k)
+            if len(hits) >= k or fetch == k or (ids[0] < 0).any() or fetch >= self.size(target):
+                break
             fetch *= 4
+        hits = hits[:k]
+        if min_confidence is not None:
+            hits = [h for h in hits if h.confidence is not None and h.confidence >= min_confidence]
+        return hits
+
+    def calibration(self, target: Target, queries: Target) -> ScoreNull | None:
+        """How random pairs of ``queries`` items and ``target`` items score, as the index recorded
+        it when it was built (None for an index built before calibration)."""
+        record = self.store.state(_target(target)).index
+        data = (record.calibration or {}).get(queries) if record is not None else None
+        return ScoreNull.from_dict(data) if data else None
+
+    def _fold_near(self, hits: list[Hit], target: Target, threshold: float, k: int) -> list[Hit]:
+        """The first ``k`` hits not within ``threshold`` of a better one, each listing the hits
+        folded into it that rank above the last of them."""
+        if not hits:
+            return hits
+        vectors = self.vectors(np.array([h.id for h in hits], dtype=np.int64), target)
+        groups = fold_near(vectors, threshold)[:k]
+        last = groups[-1][0]
+        out = []
+        for rank, (first, *others) in enumerate(groups, start=1):
+            best = hits[first]
+            folded_ids = [hits[m].id for m in others if m < last]
+            fields = best.fields | ({"near_duplicates": folded_ids} if folded_ids else {})
+            out.append(dataclasses.replace(best, rank=rank, fields=fields))
+        return out
 
     def neighbors(
         self,
@@ -377,21 +500,33 @@ class Retriever:
         """How many rows ``target`` has in search."""
         return self.source(target).count
 
-    def hits(self, ids: np.ndarray, scores: np.ndarray, target: Target) -> list[Hit]:
-        """One row of a search result -> ``Hit``s with the rows' fields (padding dropped)."""
+    def hits(
+        self, ids: np.ndarray, scores: np.ndarray, target: Target, null: ScoreNull | None = None
+    ) -> list[Hit]:
+        """One row of a search result -> ``Hit``s with the rows' fields (padding dropped), and with
+        ``null`` (``calibration``), each score's confidence."""
         valid = ids >= 0
         records = self.source(target).take(ids[valid]).to_pylist()
         root = self.store.state("images").root
+        confidences = null.percentile(scores[valid]) if null is not None else [None] * len(records)
         hits = []
-        for rank, (record, score) in enumerate(zip(records, scores[valid], strict=True), start=1):
+        for rank, (record, score, confidence) in enumerate(
+            zip(records, scores[valid], confidences, strict=True), start=1
+        ):
             record_id = int(record.pop("id"))
+            sure = None if confidence is None else float(confidence)
             if target == "images":
                 path = str(Path(root) / record.pop("path")) if root else record.pop("path")
-                hits.append(Hit(rank, record_id, float(score), target, path=path, fields=record))
+                hits.append(
+                    Hit(rank, record_id, float(score), target, path=path, fields=record, confidence=sure)
+                )
             else:
                 metadata = user_fields(json.loads(record.pop("metadata") or "{}"))
                 text = record.pop("text")
-                hits.append(Hit(rank, record_id, float(score), target, text=text, fields=record | metadata))
+                fields = record | metadata
+                hits.append(
+                    Hit(rank, record_id, float(score), target, text=text, fields=fields, confidence=sure)
+                )
         return hits
 
     def filter_ids(self, target: Target, where: Sequence[Where]) -> np.ndarray:

@@ -13,8 +13,6 @@ pool of their own, and row, filter and thumbnail reads on another.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -126,13 +124,19 @@ def _api() -> APIRouter:
         k: Annotated[int, Form(ge=1)] = 10,
         index: Annotated[str | None, Form()] = None,
         where: Annotated[list[str] | None, Form()] = None,
+        plus: Annotated[list[str] | None, Form()] = None,
+        minus: Annotated[list[str] | None, Form()] = None,
+        dedup: Annotated[float | None, Form()] = None,
+        min_confidence: Annotated[float | None, Form()] = None,
     ) -> Response:
         started = time.perf_counter()
         data = await file.read(service.config.max_upload_bytes + 1)
         if len(data) > service.config.max_upload_bytes:
             raise ServiceError(413, f"the upload is larger than {service.config.max_upload_bytes:,} bytes")
         # The form's fields as a search body; "image" only marks it an image query (the upload is the image).
-        fields = {"index": index, "image": "", "target": target, "k": k, "where": where}
+        fields: dict[str, Any] = {"index": index, "image": "", "target": target, "k": k, "where": where}
+        fields |= {"plus": plus}
+        fields |= {"minus": minus, "dedup": dedup, "min_confidence": min_confidence}
         body = SearchBody.model_validate(fields)
         image = await service.decode(data, file.filename or "upload")
         return _json(await service.search(body, image, started))
@@ -178,13 +182,7 @@ def _collection(name: str) -> Any:
 
 
 async def _body_image(service: Service, encoded: str | None) -> Any:
-    try:
-        data = base64.b64decode(str(encoded), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ServiceError(422, f"image is not valid base64: {e}") from e
-    if len(data) > service.config.max_upload_bytes:
-        raise ServiceError(413, f"the image is larger than {service.config.max_upload_bytes:,} bytes")
-    return await service.decode(data, "image")
+    return await service.decode_base64(str(encoded))
 
 
 def _ui(app: FastAPI) -> None:

@@ -10,6 +10,7 @@ one query at a time, so one bad query fails alone.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from retrieval.search.compose import Term
 from retrieval.search.hits import Hit
 from retrieval.search.retriever import Target
 from retrieval.service.snapshots import Snapshot
@@ -29,7 +31,8 @@ Observe = Callable[[str, float], None]  # (stage, seconds)
 
 @dataclass(frozen=True, eq=False)
 class Query:
-    """One search: exactly one of ``text``, ``image``, ``vector`` or ``item`` (collection, id)."""
+    """One search: exactly one of ``text``, ``image``, ``vector`` or ``item`` (collection, id), and
+    the parts composed with it."""
 
     snapshot: Snapshot
     target: Target
@@ -39,6 +42,10 @@ class Query:
     vector: np.ndarray | None = None  # (D,) float32, unit norm
     item: tuple[Target, int] | None = None  # search by a row's own vector; the row is left out
     allow: np.ndarray | None = None  # int64 ids
+    plus: tuple[Term, ...] = ()  # parts added to the query (weighted), and taken away
+    minus: tuple[Term, ...] = ()
+    dedup: float | None = None
+    min_confidence: float | None = None
 
     @property
     def kind(self) -> str:
@@ -47,6 +54,22 @@ class Query:
         if self.image is not None:
             return "image"
         return "vector" if self.vector is not None else "item"
+
+    @property
+    def alone(self) -> bool:
+        """Searched on its own: an allow-list, folding or a confidence floor are its own."""
+        return self.allow is not None or self.dedup is not None or self.min_confidence is not None
+
+    @property
+    def query_from(self) -> Target | None:
+        """The collection this query is like, for its hits' confidence: the heaviest part's."""
+        own: Target | None = {"text": "captions", "image": "images"}.get(self.kind)  # type: ignore[assignment]
+        if self.item is not None:
+            own = self.item[0]
+        heaviest = max(self.plus, key=lambda t: t.weight, default=None)
+        if heaviest is not None and heaviest.weight > 1.0:
+            return heaviest.modality  # type: ignore[return-value]
+        return own
 
 
 @dataclass(frozen=True)
@@ -63,7 +86,7 @@ def run_queries(queries: Sequence[Query], observe: Observe | None = None) -> lis
     groups: dict[tuple[int, str], list[int]] = defaultdict(list)
     for number, (query, vector) in enumerate(zip(queries, vectors, strict=True)):
         if not isinstance(vector, Exception):
-            key = (id(query.snapshot), query.target) if query.allow is None else (-number - 1, query.target)
+            key = (id(query.snapshot), query.target) if not query.alone else (-number - 1, query.target)
             groups[key].append(number)
     started = time.perf_counter()
     for members in groups.values():
@@ -115,6 +138,14 @@ def _vectors(queries: Sequence[Query], observe: Observe) -> list[np.ndarray | Ex
         for number, vector in zip(members, _each(members, encode), strict=True):
             out[number] = vector
         observe("encode" if kind != "item" else "lookup", time.perf_counter() - started)
+    for number, query in enumerate(queries):
+        vector = out[number]
+        if (query.plus or query.minus) and not isinstance(vector, Exception):
+            try:
+                base = Term(vector=np.asarray(vector, dtype=np.float32))
+                out[number] = query.snapshot.retriever.compose([base, *query.plus], query.minus)
+            except Exception as e:
+                out[number] = e
     return out
 
 
@@ -126,6 +157,8 @@ def _item_vector(query: Query) -> np.ndarray:
 def _search(queries: Sequence[Query], vectors: Sequence, chosen: list[int]) -> list[Answer]:
     first = queries[chosen[0]]
     retriever, target = first.snapshot.retriever, first.target
+    if first.alone:
+        return [_search_alone(first, vectors[chosen[0]])]
     # An item query asks for one more: its own row comes first and is dropped.
     wanted = [queries[n].k + _finds_itself(queries[n]) for n in chosen]
     k = min(max(wanted), max(retriever.size(target), 1))
@@ -138,8 +171,28 @@ def _search(queries: Sequence[Query], vectors: Sequence, chosen: list[int]) -> l
         if query.item is not None and _finds_itself(query):
             keep &= ids[row] != query.item[1]
         top_ids, top_scores = ids[row][keep][: query.k], scores[row][keep][: query.k]
-        answers.append(Answer(retriever.hits(top_ids, top_scores, target), query.snapshot.version))
+        null = retriever.calibration(target, query.query_from) if query.query_from else None
+        answers.append(Answer(retriever.hits(top_ids, top_scores, target, null), query.snapshot.version))
     return answers
+
+
+def _search_alone(query: Query, vector: np.ndarray) -> Answer:
+    """A query with its own allow-list, folding or confidence floor: one library search."""
+    retriever = query.snapshot.retriever
+    itself = _finds_itself(query)
+    hits = retriever.search_vector(
+        vector,
+        query.k + itself,
+        query.target,
+        query.allow,
+        dedup=query.dedup,
+        min_confidence=query.min_confidence,
+        query_from=query.query_from,
+    )
+    if itself and query.item is not None:
+        hits = [h for h in hits if h.id != query.item[1]][: query.k]
+        hits = [dataclasses.replace(h, rank=rank) for rank, h in enumerate(hits, start=1)]
+    return Answer(hits, query.snapshot.version)
 
 
 def _finds_itself(query: Query) -> bool:

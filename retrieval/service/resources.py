@@ -8,6 +8,8 @@ on the model thread, decodes uploads under the pixel and time limits, and keeps 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import functools
 import io
@@ -25,12 +27,13 @@ from PIL import Image
 
 from retrieval.errors import ConfigError, InputError, RetrievalError, UnknownIdError
 from retrieval.model.imaging import decode_image, open_image
+from retrieval.search.compose import Term, split_weight
 from retrieval.search.retriever import Target
 from retrieval.service.batching import Coalescer
 from retrieval.service.config import ServeConfig
 from retrieval.service.metrics import Metrics
 from retrieval.service.queries import Answer, Query, run_queries
-from retrieval.service.schemas import EmbedBody, SearchBody
+from retrieval.service.schemas import EmbedBody, Part, SearchBody
 from retrieval.service.snapshots import EncoderPool, LiveIndex, Snapshot
 
 __all__ = ["Service", "ServiceError", "index_names", "status_of", "vector_array"]
@@ -177,6 +180,33 @@ class Service:
         self.metrics.observe_stage("decode", time.perf_counter() - started)
         return image
 
+    async def decode_base64(self, encoded: str, name: str = "image") -> Image.Image:
+        """A base64 image of a request body, decoded as an upload is."""
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ServiceError(422, f"{name} is not valid base64: {e}") from e
+        if len(data) > self.config.max_upload_bytes:
+            raise ServiceError(413, f"the {name} is larger than {self.config.max_upload_bytes:,} bytes")
+        return await self.decode(data, name)
+
+    async def _term(self, snapshot: Snapshot, part: Part | str) -> Term:
+        """A part of a composed query -> a ``Term``: a string is a text (``"2:a dog"``: weighted);
+        never a file of the server's, whatever the string says."""
+        if isinstance(part, str):
+            weight, text = split_weight(part)
+            return Term(text=text, weight=weight)
+        if part.text is not None:
+            return Term(text=part.text, weight=part.weight)
+        if part.image is not None:
+            return Term(image=await self.decode_base64(part.image, "a part's image"), weight=part.weight)
+        if part.vector is not None:
+            dim = int(snapshot.manifest.model["fingerprint"]["dim"])
+            return Term(vector=vector_array(part.vector, dim), weight=part.weight)
+        collection = part.collection or "images"
+        vectors = await self._read(snapshot.retriever.vectors, [int(part.id or 0)], collection)
+        return Term(vector=vectors[0], weight=part.weight)
+
     async def _read(self, function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.readers, function, *args)
 
@@ -193,6 +223,9 @@ class Service:
             given = np.asarray(body.allow_ids, dtype=np.int64)
             allow = given if allow is None else np.intersect1d(allow, given)
         common: dict[str, Any] = {"snapshot": snapshot, "target": target, "k": body.k, "allow": allow}
+        common["plus"] = tuple([await self._term(snapshot, p) for p in body.plus or []])
+        common["minus"] = tuple([await self._term(snapshot, p) for p in body.minus or []])
+        common |= {"dedup": body.dedup, "min_confidence": body.min_confidence}
         if body.text is not None:
             return Query(text=body.text, **common)
         if image is not None:

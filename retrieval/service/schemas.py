@@ -7,11 +7,38 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["BatchBody", "EmbedBody", "SearchBody"]
+__all__ = ["BatchBody", "EmbedBody", "Part", "SearchBody"]
 
 Collection = Literal["images", "captions"]
 _MAX_QUERY_CHARS = 10_000  # a query is truncated to the tokenizer's limit anyway; this bounds the body
 _MAX_IDS = 1_000_000
+
+
+class Part(BaseModel):
+    """A part of a composed query: one of ``text``, ``image`` (base64), ``vector`` or ``id`` (+
+    ``collection``), and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, max_length=_MAX_QUERY_CHARS)
+    image: str | None = None
+    vector: list[float] | None = Field(None, max_length=8192)
+    id: int | None = Field(None, ge=0)
+    collection: Collection | None = None
+    weight: float = Field(1.0, gt=0, le=1000)
+
+    @model_validator(mode="after")
+    def _one_part(self) -> Part:
+        given = [name for name in ("text", "image", "vector", "id") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"a part is exactly one of text, image, vector or id (got {', '.join(given) or 'none'})"
+            )
+        if self.text is not None and not self.text.strip():
+            raise ValueError("a part's text is empty")
+        if self.collection is not None and self.id is None:
+            raise ValueError("collection goes with id")
+        return self
 
 
 class SearchBody(BaseModel):
@@ -29,6 +56,11 @@ class SearchBody(BaseModel):
     k: int = Field(10, ge=1)
     where: list[str] | None = Field(None, max_length=32)
     allow_ids: list[int] | None = Field(None, max_length=_MAX_IDS)
+    # Composed with the query: parts, or strings as texts ("2:a dog" weighted)
+    plus: list[Part | str] | None = Field(None, max_length=16)
+    minus: list[Part | str] | None = Field(None, max_length=16)
+    dedup: float | None = Field(None, ge=-1.0, le=1.0)  # fold hits within this cosine of a better one
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchBody:

@@ -78,6 +78,8 @@ class IndexRecord:
     version: int | None = None  # the table version it was built from
     rows_version: int | None = None
     rerank: FileRef | None = None  # IVF-PQ: the re-rank copy of its vectors, a file beside it
+    # Scores of random pairs, per query collection ("images", "captions"): ScoreNull.to_dict()
+    calibration: dict[str, Any] | None = None
 
     @property
     def files(self) -> tuple[FileRef, ...]:

@@ -21,6 +21,28 @@ function k() {
   return Number.isFinite(value) && value > 0 ? Math.min(value, 1000) : 24;
 }
 
+function parts(id) {
+  return $(id).value.split(";").map((part) => part.trim()).filter((part) => part.length > 0);
+}
+
+// What the option fields add to every search: parts composed with the query, folding, a floor.
+function extras() {
+  const out = {};
+  if (parts("plus").length) out.plus = parts("plus");
+  if (parts("minus").length) out.minus = parts("minus");
+  const at = parseFloat($("dedup-at").value);
+  if ($("dedup").checked && Number.isFinite(at)) out.dedup = at;
+  const floor = parseFloat($("confidence").value);
+  if (Number.isFinite(floor)) out.min_confidence = floor;
+  return out;
+}
+
+function percent(fraction) {
+  if (fraction >= 1) return "100%";
+  const digits = Math.min(9, Math.max(0, Math.ceil(-Math.log10(Math.max(1 - fraction, 1e-12))) - 1));
+  return (fraction * 100).toFixed(digits) + "%";
+}
+
 function indexName() {
   return $("index").value || undefined;
 }
@@ -98,6 +120,17 @@ function card(hit, collection) {
   const score = document.createElement("span");
   score.className = "score";
   score.textContent = "#" + hit.rank + " · " + hit.score.toFixed(3);
+  if (hit.confidence !== undefined) {
+    score.textContent += " · " + percent(hit.confidence);
+    score.title = "the score beats " + percent(hit.confidence) + " of random pairs";
+  }
+  const folded = (hit.near_duplicates || []).length + (hit.identical || []).length;
+  if (folded) {
+    const badge = document.createElement("span");
+    badge.className = "folded";
+    badge.textContent = "+" + folded + " near-duplicate" + (folded > 1 ? "s" : "");
+    score.append(" ", badge);
+  }
   const label = document.createElement("span");
   label.className = "label";
   label.textContent = collection === "images" ? hit.path.split("/").pop() : hit.text;
@@ -113,11 +146,15 @@ function card(hit, collection) {
   return item;
 }
 
-function show(data, collection, what) {
+function show(data, collection, what, floor) {
   clearResults();
   const hits = data.hits || [];
   if (!hits.length) {
-    setStatus("No results for " + what + ".");
+    if (floor !== undefined) {
+      setStatus("No good match for " + what + ": no result beats " + percent(floor) + " of random pairs.");
+    } else {
+      setStatus("No results for " + what + ".");
+    }
     return;
   }
   $("results").append(...hits.map((hit) => card(hit, collection)));
@@ -129,8 +166,11 @@ async function run(what, collection, call) {
   showError("");
   setStatus("Searching " + what + "…");
   $("go").disabled = true;
+  const floor = extras().min_confidence;
+  const composed = [...parts("plus").map((p) => " + " + p), ...parts("minus").map((p) => " − " + p)];
+  what += composed.join("");
   try {
-    show(await call(), collection, what);
+    show(await call(), collection, what, floor);
   } catch (e) {
     clearResults();
     setStatus("");
@@ -144,7 +184,7 @@ function searchJson(body) {
   return api("/v1/search", {
     method: "POST",
     headers: headers({ "Content-Type": "application/json" }),
-    body: JSON.stringify(Object.assign({ index: indexName(), target: target(), k: k() }, body)),
+    body: JSON.stringify(Object.assign({ index: indexName(), target: target(), k: k() }, extras(), body)),
   });
 }
 
@@ -178,6 +218,11 @@ function searchImage(file) {
   form.append("target", target());
   form.append("k", String(k()));
   if (indexName()) form.append("index", indexName());
+  const more = extras();
+  for (const part of more.plus || []) form.append("plus", part);
+  for (const part of more.minus || []) form.append("minus", part);
+  if (more.dedup !== undefined) form.append("dedup", String(more.dedup));
+  if (more.min_confidence !== undefined) form.append("min_confidence", String(more.min_confidence));
   run("the image " + file.name, target(), () =>
     api("/v1/search/image", { method: "POST", headers: headers(), body: form })
   );

@@ -1,0 +1,102 @@
+"""Queries made of several parts, and results with near-duplicates folded.
+
+A composed query is the normalised weighted sum of its parts' vectors, the ``minus`` parts
+subtracted: ``"a dog" + 2 x pool.jpg - "grass"``. Texts and images may be mixed; each is encoded
+by the index's model, so the sum lives in the same space as the collection. Folding keeps the best
+of every set of results within cosine T of each other, greedily in rank order: a result within T
+of one already kept is counted under the best such one instead of shown.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import InputError
+from retrieval.model.encoder import ImageInput
+
+__all__ = ["Term", "combine", "fold_near", "split_weight"]
+
+_WEIGHTED = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*:(.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One part of a composed query: a ``text``, an ``image`` or a ``vector`` (D,), and its weight."""
+
+    text: str | None = None
+    image: ImageInput | None = None
+    vector: np.ndarray | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        given = sum(x is not None for x in (self.text, self.image, self.vector))
+        if given != 1:
+            raise InputError("a query part is one text, one image or one vector")
+        if not np.isfinite(self.weight) or self.weight <= 0:
+            raise InputError(f"a query part's weight must be positive, got {self.weight} (use minus)")
+        if self.text is not None and not self.text.strip():
+            raise InputError("a query part's text is empty")
+
+    @classmethod
+    def parse(cls, spec: str) -> Term:
+        """``"a dog"``, ``"2:a dog"``, ``"photo.jpg"`` or ``"0.5:photo.jpg"``: a leading number and a
+        colon is the weight; what names an existing file is an image, anything else a text."""
+        weight, spec = split_weight(spec)
+        if Path(spec).is_file():
+            return cls(image=Path(spec), weight=weight)
+        return cls(text=spec, weight=weight)
+
+    @property
+    def modality(self) -> str | None:
+        """The collection whose vectors this part is like: captions for a text, images for an
+        image, None for a vector."""
+        if self.text is not None:
+            return "captions"
+        return "images" if self.image is not None else None
+
+
+def split_weight(spec: str) -> tuple[float, str]:
+    """``"2:a dog"`` -> (2.0, "a dog"); ``"a dog"`` -> (1.0, "a dog"). Only a leading number and a
+    colon is a weight: "note: a dog" is a text."""
+    match = _WEIGHTED.match(spec)
+    if match:
+        return float(match.group(1)), match.group(2).strip()
+    return 1.0, spec
+
+
+def combine(
+    plus: Sequence[tuple[float, np.ndarray]], minus: Sequence[tuple[float, np.ndarray]]
+) -> np.ndarray:
+    """(weight, unit vector (D,)) parts -> the unit (D,) float32 of ``sum(plus) - sum(minus)``."""
+    if not plus:
+        raise InputError("a composed query needs at least one part to search for")
+    total = np.zeros_like(np.asarray(plus[0][1], dtype=np.float64))
+    for weight, vector in plus:
+        total += weight * np.asarray(vector, dtype=np.float64)
+    for weight, vector in minus:
+        total -= weight * np.asarray(vector, dtype=np.float64)
+    norm = float(np.linalg.norm(total))
+    if norm < 1e-6:
+        raise InputError("the query's parts cancel out: nothing is left to search for")
+    return (total / norm).astype(np.float32)
+
+
+def fold_near(vectors: np.ndarray, threshold: float) -> list[list[int]]:
+    """Results' vectors (n, D), in rank order -> groups of their positions, each led by the one
+    kept: every other result within ``threshold`` of a kept one joins the best-ranked such one."""
+    groups: list[list[int]] = []
+    kept: list[int] = []
+    for position in range(len(vectors)):
+        if kept:
+            near = np.flatnonzero(vectors[kept] @ vectors[position] >= threshold)
+            if len(near):
+                groups[int(near[0])].append(position)
+                continue
+        kept.append(position)
+        groups.append([position])
+    return groups
