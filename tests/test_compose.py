@@ -191,18 +191,22 @@ def test_composed_searches_on_a_built_index(config: BuildConfig, tmp_path: Path)
 
 def test_an_index_built_before_calibration_gets_it_on_the_next_build(config: BuildConfig) -> None:
     build_index(config)
+    older = {"images": None, "captions": {"captions": {"queries": "captions", "tail_scale": 0.1}}}
     with Store.open(config.out, write=True) as store:
         manifest = store.manifest
         assert manifest is not None
         stripped = {
-            c: replace(s, index=replace(s.index, calibration=None)) for c, s in manifest.collections.items()
+            c: replace(s, index=replace(s.index, calibration=older[c]))
+            for c, s in manifest.collections.items()
         }
         store.commit_catalog(replace(manifest, collections=stripped))
     with Retriever.open(config.out) as retriever:
         files = {c: retriever.store.state(c).index.file.file for c in ("images", "captions")}
         assert retriever.calibration("images", "captions") is None
+        assert retriever.calibration("captions", "captions") is None  # of another format: not misread
         with pytest.raises(ConfigError, match="rerun `index build`"):
             retriever.search_text("a dog", 3, min_confidence=0.5)
+        assert retriever.search_text("a dog", 3)[0].confidence is None
     build_index(config)
     with Retriever.open(config.out) as retriever:
         assert retriever.calibration("images", "captions") is not None

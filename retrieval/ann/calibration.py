@@ -33,8 +33,9 @@ import numpy as np
 from retrieval.ann.sampling import sample_vectors
 from retrieval.store.folder import Store
 
-__all__ = ["SAMPLE", "TAIL", "ScoreNull", "calibrate", "score_null"]
+__all__ = ["FORMAT", "SAMPLE", "TAIL", "ScoreNull", "calibrate", "readable", "score_null"]
 
+FORMAT = 1  # of a null's dict in the catalog: another one is computed again, never misread
 SAMPLE = 4_096  # vectors of each side; every pair between them is scored
 TAIL = 1e-3  # the top fraction of the pairs the tail is fitted to
 _AT_BOUND = 1e-6  # a pair within this of cosine 1 counts as identical vectors
@@ -88,6 +89,7 @@ class ScoreNull:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "format": FORMAT,
             "queries": self.queries,
             "target": self.target,
             "pairs": self.pairs,
@@ -98,6 +100,8 @@ class ScoreNull:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScoreNull:
+        if not readable(data):
+            raise ValueError(f"a score null of format {data.get('format')!r}, not {FORMAT}")
         return cls(
             str(data["queries"]),
             str(data["target"]),
@@ -165,6 +169,12 @@ def _small_null(scores: np.ndarray, names: tuple[str, str]) -> ScoreNull:
         float(len(distance) / np.sum(np.log(room / distance))) if len(distance) and room > _AT_BOUND else 0.0
     )
     return ScoreNull(*names, len(scores), tuple(float(q) for q in quantiles), shape, at_bound)
+
+
+def readable(data: Mapping[str, Any] | None) -> bool:
+    """Whether ``data`` is a null this version writes (an index's calibration of another format is
+    computed again by the next ``index build``)."""
+    return isinstance(data, Mapping) and data.get("format") == FORMAT
 
 
 def calibrate(

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval import durable
-from retrieval.ann.calibration import calibrate
+from retrieval.ann.calibration import calibrate, readable
 from retrieval.ann.faiss_index import IndexConfig, build_collection_index, sample_vectors
 from retrieval.build.execute import ItemResult
 from retrieval.build.plan import CollectionPlan, plan_table
@@ -372,7 +372,8 @@ class Committer:
                 and config.kind in ("auto", current.kind, current.requested)
             ):
                 moved = replace(current, version=state.version)
-                if current.calibration is None:  # an index built before scores were calibrated
+                nulls = (current.calibration or {}).values()
+                if not nulls or not all(map(readable, nulls)):  # built before this calibration
                     queries = self._queries(name, config)
                     others = {} if queries is None else {_other(name): queries}
                     moved = replace(

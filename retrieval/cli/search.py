@@ -76,7 +76,8 @@ def _print_hits(hits: list[Any], as_json: bool, min_confidence: float | None = N
         return
     if not hits:
         if min_confidence is not None:
-            typer.echo(f"no good match: no result beats {_percent(min_confidence)} of random pairs")
+            floor = _percent(min_confidence) if min_confidence < 1 else "100%"
+            typer.echo(f"no good match: no result beats {floor} of random pairs")
         else:
             typer.echo("no results")
         return
@@ -96,10 +97,11 @@ def _print_hits(hits: list[Any], as_json: bool, min_confidence: float | None = N
 
 
 def _percent(fraction: float) -> str:
-    """0.9993 -> '99.93%'; as many decimals as it takes to show how far from 100% it is."""
-    if fraction >= 1.0:
-        return "100%"
-    digits = min(9, max(0, math.ceil(-math.log10(max(1.0 - fraction, 1e-12))) - 1))
+    """0.9993 -> '99.93%': the decimals it takes to show how far from 100% it is, up to four."""
+    left = 1.0 - fraction
+    if left < 5e-7:
+        return ">99.9999%"
+    digits = min(4, max(0, math.ceil(round(-math.log10(left), 6)) - 2))
     return f"{fraction * 100:.{digits}f}%"
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from retrieval.ann.calibration import ScoreNull
+from retrieval.ann.calibration import ScoreNull, readable
 from retrieval.ann.faiss_index import SearchIndex, load_index
 from retrieval.errors import (
     ConfigError,
@@ -461,7 +461,7 @@ class Retriever:
         it when it was built (None for an index built before calibration)."""
         record = self.store.state(_target(target)).index
         data = (record.calibration or {}).get(queries) if record is not None else None
-        return ScoreNull.from_dict(data) if data else None
+        return ScoreNull.from_dict(data) if data is not None and readable(data) else None
 
     def _fold_near(self, hits: list[Hit], target: Target, threshold: float, k: int) -> list[Hit]:
         """The first ``k`` hits not within ``threshold`` of a better one, each listing the hits

@@ -38,8 +38,9 @@ function extras() {
 }
 
 function percent(fraction) {
-  if (fraction >= 1) return "100%";
-  const digits = Math.min(9, Math.max(0, Math.ceil(-Math.log10(Math.max(1 - fraction, 1e-12))) - 1));
+  const left = 1 - fraction;
+  if (left < 5e-7) return ">99.9999%";
+  const digits = Math.min(4, Math.max(0, Math.ceil(Number((-Math.log10(left)).toFixed(6))) - 2));
   return (fraction * 100).toFixed(digits) + "%";
 }
 
