@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from stores import seeded_store
 
 from retrieval import BuildConfig, Retriever, build_index
@@ -113,8 +114,10 @@ def test_confidence_is_the_percentile_among_random_pairs(near: tuple[Path, np.nd
         sure = retriever.search_vector(vectors[5], 20, query_from="images", min_confidence=0.999)
         elsewhere = unit(np.random.default_rng(9).normal(size=24))  # like no stored vector
         none = retriever.search_vector(elsewhere, 20, query_from="images", min_confidence=0.9999)
-        with pytest.raises(ConfigError, match="no score calibration"):
+        with pytest.raises(ConfigError, match="no kind"):
             retriever.search_vector(vectors[5], 5, min_confidence=0.5)  # a bare vector: of no known kind
+        with pytest.raises(ConfigError, match="no captions to measure text queries"):
+            retriever.search_vector(vectors[5], 5, min_confidence=0.5, query_from="captions")
     # Against every pair of the collection (the store has 600: the null's sample is all of them).
     pairs = (vectors @ vectors.T)[~np.eye(600, dtype=bool)]
     for hit in hits:
@@ -217,3 +220,38 @@ def test_an_index_built_before_calibration_gets_it_on_the_next_build(config: Bui
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "retrieval"), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_folding_reads_a_bounded_number_of_hits(near: tuple[Path, np.ndarray], monkeypatch) -> None:
+    folder, vectors = near
+    monkeypatch.setattr("retrieval.search.retriever.FOLD_FETCH", 50)
+    with Retriever.open(folder) as retriever:
+        asked: list[int] = []
+        search = retriever.search_vectors
+
+        def counted(query, k, *args):  # type: ignore[no-untyped-def]
+            asked.append(k)
+            return search(query, k, *args)
+
+        monkeypatch.setattr(retriever, "search_vectors", counted)
+        hits = retriever.search_vector(vectors[0], 5, dedup=-1.0)  # everything folds into one
+    assert len(hits) == 1 and max(asked) == 320  # 64 x k, not the 600 rows: fewer than k come back
+    assert len(hits[0].fields["near_duplicates"]) == 319  # every other hit fetched, folded into it
+
+
+def test_text_confidence_on_an_index_without_captions(config: BuildConfig, tmp_path: Path) -> None:
+    pictures = tmp_path / "pictures"  # no sidecar captions
+    pictures.mkdir()
+    rng = np.random.default_rng(5)
+    for n in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(pictures / f"{n}.png")
+    config = replace(config, images=pictures)
+    build_index(replace(config, captions=()))
+    with Retriever.open(config.out) as retriever:
+        assert retriever.calibration("images", "images") is not None
+        with pytest.raises(ConfigError, match="no captions to measure text queries on images"):
+            retriever.search_text("a dog", 3, min_confidence=0.5)
+    build_index(config)  # captions added: the image index, unchanged, is calibrated for text too
+    with Retriever.open(config.out) as retriever:
+        assert retriever.calibration("images", "captions") is not None
+        assert retriever.search_text("a dog", 3, min_confidence=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,9 +15,10 @@ import pytest
 from PIL import Image
 from stores import seeded_store
 
-from retrieval import BuildConfig, ModelSpec, Retriever, build_index
+from retrieval import BuildConfig, ModelSpec, Retriever, Store, StoreError, build_index
 from retrieval.ann.calibration import score_null
 from retrieval.ann.exact import recall_at
+from retrieval.ann.faiss_index import IndexConfig, build_collection_index
 from retrieval.search.duplicates import DuplicatesConfig, find_duplicates, star_groups
 from retrieval.search.neighbors import NeighborsConfig, read_neighbors_metadata, write_neighbors
 
@@ -373,3 +375,64 @@ def test_duplicates_of_an_image_folder_from_the_command_line(
     assert Image.open(tmp_path / "sheets" / "group-000001.png").size[0] > 0
     names = {Path(p).name for p in table.column("path").to_pylist()}
     assert set(planted) | set(planted.values()) <= names
+
+
+def test_damaged_checkpoints_are_redone_and_another_index_starts_over(tmp_path: Path) -> None:
+    vectors = clustered(1_500, 16, seed=8)
+    folder = seeded_store(tmp_path / "index", vectors, kind="ivf")
+    out = tmp_path / "knn.parquet"
+    args = ("neighbors", "--index", str(folder), "-k", "5", "--block-rows", "250", "--out", str(out))
+    killed = run_cli(*args, "--method", "index", env={"RETRIEVAL_CRASH_AT_WRITE": "6"})
+    assert killed.returncode != 0
+    blocks = sorted((tmp_path / "knn.parquet.parts").glob("block-*.parquet"))
+    assert len(blocks) == 3
+    blocks[1].write_bytes(blocks[1].read_bytes()[:100])  # a damaged checkpoint
+    with Retriever.open(folder) as retriever:
+        config = NeighborsConfig(k=5, block_rows=250, method="index")
+        resumed = write_neighbors(retriever, out, config)
+        write_neighbors(retriever, tmp_path / "whole.parquet", config)
+    assert resumed.resumed_blocks == 2  # the damaged one computed again
+    assert pq.read_table(out).equals(pq.read_table(tmp_path / "whole.parquet"))
+
+    # The index changes kind at the same table version: checkpoints of the old one are not reused.
+    run_cli(*args, "--method", "index", env={"RETRIEVAL_CRASH_AT_WRITE": "6"})
+    with Store.open(folder, write=True) as store:
+        state = store.manifest.collections["images"]
+        record = build_collection_index(store, "images", IndexConfig(kind="flat"), None, "self")
+        record = dataclasses.replace(record, version=state.version, rows_version=state.rows_version)
+        store.commit_catalog(
+            dataclasses.replace(
+                store.manifest, collections={"images": dataclasses.replace(state, index=record)}
+            )
+        )
+    with Retriever.open(folder) as retriever:
+        again = write_neighbors(retriever, out, NeighborsConfig(k=5, block_rows=250, method="index"))
+    assert again.resumed_blocks == 0 and again.recall == 1.0
+
+
+def test_a_second_run_on_the_same_output_is_refused(seeded: tuple, tmp_path: Path) -> None:
+    folder, _, _ = seeded
+    out = tmp_path / "knn.parquet"
+    parts = tmp_path / "knn.parquet.parts"
+    parts.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(parts / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with Retriever.open(folder) as retriever, pytest.raises(StoreError, match="another run"):
+            write_neighbors(retriever, out, NeighborsConfig(k=3))
+    finally:
+        holder.kill()
+        holder.wait()
+    with Retriever.open(folder) as retriever:  # the holder gone, the lock with it
+        assert write_neighbors(retriever, out, NeighborsConfig(k=3)).rows == 2_500
+
+
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""

@@ -482,6 +482,9 @@ def test_composed_folded_and_calibrated_searches(client: TestClient, built: Buil
     assert as_pairs(text_only["hits"]) == library_pairs(weird)
     by_id = client.post("/v1/search", json={"text": "a dog", "plus": [{"id": composed[0].id}], "k": 3})
     assert by_id.status_code == 200
+    # A stored row as the heaviest part: measured as a query of its collection (an image).
+    heavy = {"text": "a dog", "plus": [{"id": composed[0].id, "weight": 3}], "k": 3, "min_confidence": 0.0}
+    assert len(client.post("/v1/search", json=heavy).json()["hits"]) == 3
     upload = client.post(
         "/v1/search/image",
         files={"file": ("q.jpg", picture.read_bytes(), "image/jpeg")},

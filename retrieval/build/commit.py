@@ -372,8 +372,10 @@ class Committer:
                 and config.kind in ("auto", current.kind, current.requested)
             ):
                 moved = replace(current, version=state.version)
-                nulls = (current.calibration or {}).values()
-                if not nulls or not all(map(readable, nulls)):  # built before this calibration
+                nulls = current.calibration or {}
+                wanted = {name} | ({_other(name)} if self._queries_exist(name) else set())
+                if set(nulls) != wanted or not all(map(readable, nulls.values())):
+                    # Built before this calibration, or before the other collection had rows.
                     queries = self._queries(name, config)
                     others = {} if queries is None else {_other(name): queries}
                     moved = replace(
@@ -396,10 +398,13 @@ class Committer:
             built[name] = record
         return built
 
+    def _queries_exist(self, name: str) -> bool:
+        return bool(self.target.state(_other(name)).counts.get("indexed", 0))
+
     def _queries(self, name: str, config: IndexConfig) -> np.ndarray | None:
         """A sample of the other collection's vectors: the queries an index of ``name`` serves."""
         other = _other(name)
-        if not self.target.state(other).counts.get("indexed", 0):
+        if not self._queries_exist(name):
             return None
         return sample_vectors(
             self.target.view(), other, config.tuning_queries, np.random.default_rng(config.seed)

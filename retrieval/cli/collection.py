@@ -87,6 +87,10 @@ def duplicates(
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours looked at an item.")] = 32,
     method: MethodOpt = "exact",
     threads: ThreadsOpt = None,
+    scratch: Annotated[
+        Path | None,
+        typer.Option("--scratch", help="Where the vectors are copied while it runs (N x D x 4 bytes)."),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """Groups of near-duplicates: identical files first, then cosine >= T, each member within T of
@@ -99,7 +103,7 @@ def duplicates(
         collection, threshold, false_match_rate, k, cast(Method, method), threads=threads
     )
     with Retriever.open(index) as retriever:
-        report = find_duplicates(retriever, config, Bar(enabled=bars_wanted(as_json)))
+        report = find_duplicates(retriever, config, Bar(enabled=bars_wanted(as_json)), scratch)
     report.write(out)
     sheets = draw_groups(report, grid_dir) if grid_dir is not None else []
     if as_json:
@@ -115,8 +119,8 @@ def duplicates(
         typer.echo(f"  ... {len(report.groups) - 10:,} more groups in {out}")
     if report.capped:
         typer.echo(
-            f"warning: {report.capped:,} items have {k} or more near partners: their groups may be cut; "
-            f"rerun with a larger -k",
+            f"warning: {report.capped:,} items have {k} or more near partners: a group they lead may be "
+            f"cut; rerun with a larger -k",
             err=True,
         )
     drawn = f"; {_count(len(sheets), 'contact sheet')} in {grid_dir}" if grid_dir is not None else ""

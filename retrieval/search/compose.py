@@ -26,12 +26,14 @@ _WEIGHTED = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*:(.*)$", re.DOTALL)
 
 @dataclass(frozen=True)
 class Term:
-    """One part of a composed query: a ``text``, an ``image`` or a ``vector`` (D,), and its weight."""
+    """One part of a composed query: a ``text``, an ``image`` or a ``vector`` (D,), and its weight.
+    ``like``: for a vector, the collection whose vectors it is like (a stored row's), if known."""
 
     text: str | None = None
     image: ImageInput | None = None
     vector: np.ndarray | None = None
     weight: float = 1.0
+    like: str | None = None
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.text, self.image, self.vector))
@@ -54,10 +56,10 @@ class Term:
     @property
     def modality(self) -> str | None:
         """The collection whose vectors this part is like: captions for a text, images for an
-        image, None for a vector."""
+        image, ``like`` for a vector."""
         if self.text is not None:
             return "captions"
-        return "images" if self.image is not None else None
+        return "images" if self.image is not None else self.like
 
 
 def split_weight(spec: str) -> tuple[float, str]:

@@ -127,7 +127,7 @@ class DuplicateReport:
     groups: list[DuplicateGroup]
     items: int  # live rows
     identical_files: int  # rows whose content another row also has
-    capped: int  # representatives whose k-th neighbour still scores >= T: their group may be cut
+    capped: int  # items whose k-th neighbour still scores >= T: a group they lead may be cut
     seconds: float
     labels: dict[int, str]  # id -> path (images, absolute) or text (captions), for the members
 
@@ -183,9 +183,14 @@ class DuplicateReport:
 
 
 def find_duplicates(
-    retriever: Retriever, config: DuplicatesConfig | None = None, progress: Progress | None = None
+    retriever: Retriever,
+    config: DuplicatesConfig | None = None,
+    progress: Progress | None = None,
+    scratch: str | Path | None = None,
 ) -> DuplicateReport:
-    """Groups of near-duplicates of ``config.collection`` (see the module's description)."""
+    """Groups of near-duplicates of ``config.collection`` (see the module's description). The
+    collection's vectors are copied into a temporary folder under ``scratch`` (default: the
+    system's; N x D x 4 bytes) and removed at the end."""
     config = config or DuplicatesConfig()
     config.check()
     progress = progress or Silent()
@@ -202,16 +207,16 @@ def find_duplicates(
         distinct=True,
         seed=config.seed,
     )
-    with tempfile.TemporaryDirectory(prefix="duplicates-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="duplicates-", dir=scratch) as folder:
         search = NeighborSearch(
             retriever.store,
             neighbors,
-            Path(scratch),
+            Path(folder),
             retriever.index(collection) if config.method == "index" else None,  # type: ignore[arg-type]
             progress,
         )
         null = _null(search, collection, config.seed)
-        threshold = _threshold(null, config, len(ids))
+        threshold = _threshold(null, config, search.rows)  # contents: what the null was drawn over
         progress.start("neighbors", search.rows)
         pairs, capped = [], 0
         for block in search.blocks():

@@ -13,8 +13,11 @@ into the output at the end, which names the table versions it was computed from 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -31,7 +34,7 @@ from retrieval.ann.exact import recall_at
 from retrieval.ann.faiss_index import SearchIndex
 from retrieval.ann.knn import drop_self, faiss_threads, knn_exact
 from retrieval.durable import atomic_write
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, StoreError
 from retrieval.progress import Progress, Silent
 from retrieval.search.vectorfile import VectorFile
 from retrieval.store.folder import Store
@@ -169,11 +172,20 @@ class NeighborSearch:
 
     @property
     def block_count(self) -> int:
-        return -(-self.rows // self.config.block_rows)
+        return -(-self.rows // self.block_rows)
+
+    @property
+    def block_rows(self) -> int:
+        """Source rows a block: as configured, fewer where k is so large that a block's lists
+        would pass 16M entries."""
+        return max(1, min(self.config.block_rows, (1 << 24) // (self.config.k + 1)))
+
+    def block_ids(self, number: int) -> np.ndarray:
+        return self.sources.ids[number * self.block_rows : (number + 1) * self.block_rows]
 
     def block(self, number: int) -> NeighborBlock:
         """Block ``number`` of the source rows, searched."""
-        size = self.config.block_rows
+        size = self.block_rows
         start = number * size
         ids = self.sources.ids[start : start + size]
         queries = np.ascontiguousarray(self.sources.vectors[start : start + size], dtype=np.float32)
@@ -232,9 +244,10 @@ def write_neighbors(
 
     One row per source item: ``id`` int64, ``neighbor_ids`` list<int64> best first, ``scores``
     list<float32>; the file's metadata (``read_neighbors_metadata``) names the table versions, the
-    model and, for method ``index``, the measured recall. Resumable: run again with the same
-    arguments after a stop and only the blocks not yet written are computed; a run over other
-    table versions or arguments starts over.
+    model and, for method ``index``, the index and its measured recall. Resumable: run again with
+    the same arguments after a stop and only the blocks not yet written (or found damaged) are
+    computed; a run over other table versions, another index or other arguments starts over. Two
+    runs writing the same ``out`` at once: the second is refused.
     """
     config = config or NeighborsConfig()
     config.check()
@@ -243,40 +256,49 @@ def write_neighbors(
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     index = retriever.index(config.target) if config.method == "index" else None  # type: ignore[arg-type]
+    record = retriever.store.state(config.target).index if index is not None else None
     versions = {c: retriever.store.state(c).version for c in {config.source, config.target}}
-    job = dataclasses.asdict(config) | {"versions": versions, "fingerprint": retriever.manifest.fingerprint}
-    job_file = parts / "job.json"
-    if job_file.is_file() and json.loads(job_file.read_text()) != job:
-        shutil.rmtree(parts)  # other versions or arguments: nothing of it can be reused
-    atomic_write(job_file, lambda tmp: tmp.write_text(json.dumps(job, sort_keys=True)))
-    search = NeighborSearch(retriever.store, config, parts, index, progress)
-    done = frozenset(n for n in range(search.block_count) if _block_file(parts, n).is_file())
-    progress.start("neighbors", search.rows)
-    progress.advance(min(search.rows, len(done) * config.block_rows))
-    for block in search.blocks(skip=done):
-        _write_block(parts, block)
-        progress.advance(len(block.ids))
-    progress.finish()
-    recall = search.recall()
-    metadata = {
-        "source": config.source,
-        "target": config.target,
-        "k": config.k,
-        "method": config.method,
-        "distinct": config.distinct,
-        "versions": search.versions,
+    # What the results depend on: threads and the recall sample do not change a list.
+    what = dataclasses.asdict(config) | {"threads": None, "recall_sample": None}
+    job = what | {
+        "versions": versions,
         "fingerprint": retriever.manifest.fingerprint,
-        "recall_at_k": recall,
-        "index": None if index is None else {"kind": index.kind, index.param or "param": index.value},
+        "index": None if record is None else [record.file.file, record.kind, record.value, record.refine],
     }
-    schema = NEIGHBORS_SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    parts.mkdir(parents=True, exist_ok=True)
+    with _job_lock(parts, out):
+        if _read_job(parts) != job:
+            _clear(parts)  # other versions, index or arguments: nothing of it can be reused
+        atomic_write(parts / "job.json", lambda tmp: tmp.write_text(json.dumps(job, sort_keys=True)))
+        search = NeighborSearch(retriever.store, config, parts, index, progress)
+        done = frozenset(n for n in range(search.block_count) if _block_done(search, parts, n))
+        progress.start("neighbors", search.rows)
+        progress.advance(min(search.rows, sum(len(search.block_ids(n)) for n in done)))
+        for block in search.blocks(skip=done):
+            _write_block(parts, block)
+            progress.advance(len(block.ids))
+        progress.finish()
+        recall = search.recall()
+        metadata = {
+            "source": config.source,
+            "target": config.target,
+            "k": config.k,
+            "method": config.method,
+            "distinct": config.distinct,
+            "versions": search.versions,
+            "fingerprint": retriever.manifest.fingerprint,
+            "recall_at_k": recall,
+            "index": None if index is None else {"kind": index.kind, index.param or "param": index.value},
+        }
+        schema = NEIGHBORS_SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
 
-    def join(tmp: Path) -> None:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for number in range(search.block_count):
-                writer.write_table(pq.read_table(_block_file(parts, number)).cast(schema))
+        def join(tmp: Path) -> None:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for number in range(search.block_count):
+                    writer.write_table(pq.read_table(_block_file(parts, number)).cast(schema))
 
-    atomic_write(out, join)
+        atomic_write(out, join)
+        _clear(parts)
     shutil.rmtree(parts, ignore_errors=True)
     return NeighborsReport(
         out,
@@ -299,14 +321,61 @@ def read_neighbors_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
 
 
-def neighbor_blocks(retriever: Retriever, config: NeighborsConfig) -> Iterator[NeighborBlock]:
-    """``Retriever.neighbors``: the blocks, the vectors in a temporary folder removed at the end."""
+def neighbor_blocks(
+    retriever: Retriever, config: NeighborsConfig, scratch: Path | None = None
+) -> Iterator[NeighborBlock]:
+    """``Retriever.neighbors``: the blocks, the vectors copied into a temporary folder (under
+    ``scratch``, default the system's) removed at the end."""
     index = retriever.index(config.target) if config.method == "index" else None  # type: ignore[arg-type]
-    scratch = Path(tempfile.mkdtemp(prefix="neighbors-"))
+    scratch = Path(tempfile.mkdtemp(prefix="neighbors-", dir=scratch))
     try:
         yield from NeighborSearch(retriever.store, config, scratch, index).blocks()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _job_lock(parts: Path, out: Path) -> Iterator[None]:
+    """The checkpoint folder, held by this run alone (a lock the system drops if the run dies)."""
+    fd = os.open(parts / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreError(f"{out} is being written by another run (its checkpoints: {parts})") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_job(parts: Path) -> Any:
+    try:
+        return json.loads((parts / "job.json").read_text())
+    except (OSError, ValueError):
+        return None  # none yet, or unreadable: started over
+
+
+def _clear(parts: Path) -> None:
+    """Everything in the checkpoint folder but its lock."""
+    for path in parts.iterdir():
+        if path.name != ".lock":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _block_done(search: NeighborSearch, parts: Path, number: int) -> bool:
+    """Block ``number`` is checkpointed whole: readable, its ids the ones it must hold. A file that
+    is not is removed, and the block is computed again."""
+    path = _block_file(parts, number)
+    if not path.is_file():
+        return False
+    try:
+        ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()
+        if np.array_equal(ids, search.block_ids(number)):
+            return True
+    except (OSError, pa.ArrowException):
+        pass
+    path.unlink()
+    return False
 
 
 def _write_block(parts: Path, block: NeighborBlock) -> None:

@@ -45,6 +45,7 @@ from retrieval.vectors import embedding_matrix
 __all__ = ["Hit", "Retriever", "Target", "Term", "parse_where"]
 
 Target = Literal["images", "captions"]
+FOLD_FETCH = 16_384  # hits a folded search reads at most (or 64 x k, if more)
 _ROW_COLUMNS = {
     "images": ["id", "path", "sha256", "size", "width", "height", "flags"],
     "captions": ["id", "text", "source", "row", "image", "sha256", "flags", "metadata"],
@@ -434,13 +435,13 @@ class Retriever:
             if not 0.0 <= min_confidence <= 1.0:
                 raise ConfigError(f"a confidence is a fraction in [0, 1], got {min_confidence}")
             if null is None:
-                raise ConfigError(
-                    f"{self.store.folder}: no score calibration for {query_from or 'vector'} queries on "
-                    f"{target}: rerun `index build` to record it"
-                )
+                raise ConfigError(self._uncalibrated(target, query_from))
         if dedup is not None and not -1.0 <= dedup <= 1.0:
             raise ConfigError(f"dedup is a cosine in [-1, 1], got {dedup}")
         fetch = k if not (fold_identical or dedup is not None) else 2 * k
+        # Folding fetches more until k remain, but never past a bound: a low dedup on a clustered
+        # collection would otherwise read it whole for one query. Fewer than k come back then.
+        most = max(FOLD_FETCH, 64 * k)
         while True:
             ids, scores = self.search_vectors(vector, fetch, target, allow_ids)
             hits = self.hits(ids[0], scores[0], target, null)
@@ -448,13 +449,26 @@ class Retriever:
                 hits = folded(hits)
             if dedup is not None:
                 hits = self._fold_near(hits, target, dedup, k)
-            if len(hits) >= k or fetch == k or (ids[0] < 0).any() or fetch >= self.size(target):
+            done = fetch == k or (ids[0] < 0).any() or fetch >= min(most, self.size(target))
+            if len(hits) >= k or done:
                 break
-            fetch *= 4
+            fetch = min(fetch * 4, most)
         hits = hits[:k]
         if min_confidence is not None:
             hits = [h for h in hits if h.confidence is not None and h.confidence >= min_confidence]
         return hits
+
+    def _uncalibrated(self, target: Target, queries: Target | None) -> str:
+        """Why a search of ``queries``-like vectors on ``target`` has no confidence."""
+        if queries is None:
+            return "a bare vector query has no kind to measure its scores against: give a text or an image"
+        if queries not in self.manifest.collections:
+            kind = "text" if queries == "captions" else "image"
+            return f"{self.store.folder} has no {queries} to measure {kind} queries on {target} against" + (
+                ": index captions with the images (index build --captions ...)" if kind == "text" else ""
+            )
+        where = f"{self.store.folder}: no score calibration for {queries} queries on {target}"
+        return f"{where}: rerun `index build`"
 
     def calibration(self, target: Target, queries: Target) -> ScoreNull | None:
         """How random pairs of ``queries`` items and ``target`` items score, as the index recorded
@@ -465,12 +479,14 @@ class Retriever:
 
     def _fold_near(self, hits: list[Hit], target: Target, threshold: float, k: int) -> list[Hit]:
         """The first ``k`` hits not within ``threshold`` of a better one, each listing the hits
-        folded into it that rank above the last of them."""
+        folded into it that rank above the last of them (all those fetched, when fewer remain)."""
         if not hits:
             return hits
         vectors = self.vectors(np.array([h.id for h in hits], dtype=np.int64), target)
-        groups = fold_near(vectors, threshold)[:k]
-        last = groups[-1][0]
+        groups = fold_near(vectors, threshold)
+        # With k kept, what ranks below the last of them would not have been shown: not listed.
+        last = groups[k - 1][0] if len(groups) >= k else len(hits)
+        groups = groups[:k]
         out = []
         for rank, (first, *others) in enumerate(groups, start=1):
             best = hits[first]
@@ -488,13 +504,15 @@ class Retriever:
         method: Method = "exact",
         block_rows: int = 16_384,
         distinct: bool = False,
+        scratch: str | Path | None = None,
     ) -> Iterator[NeighborBlock]:
         """Every live ``source`` row's top ``k`` in ``target`` (itself left out), a ``NeighborBlock``
         of ``block_rows`` source rows at a time, ids ascending: exact (BLAS blocks) or through the
-        target's FAISS index. ``distinct``: files of identical content count once. For a file on
-        disk, resumable, see ``retrieval.search.neighbors.write_neighbors``."""
+        target's FAISS index. ``distinct``: files of identical content count once. The vectors are
+        copied under ``scratch`` (default: the system's temporary folder) while it runs. For a file
+        on disk, resumable, see ``retrieval.search.neighbors.write_neighbors``."""
         config = NeighborsConfig(source, target, k, method, block_rows, distinct=distinct)
-        return neighbor_blocks(self, config)
+        return neighbor_blocks(self, config, Path(scratch) if scratch is not None else None)
 
     def size(self, target: Target) -> int:
         """How many rows ``target`` has in search."""

@@ -11,12 +11,14 @@ job), recognised by its description file, written last.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from retrieval.durable import atomic_write
 from retrieval.errors import StoreError
@@ -56,15 +58,18 @@ class VectorFile:
         stem = folder / f"{collection}{'-distinct' if distinct else ''}-v{state.version}"
         key = {"collection": collection, "version": state.version, "dim": dim, "distinct": distinct}
         described = stem.with_suffix(".json")
-        if described.is_file() and json.loads(described.read_text()) == key | {"rows": _rows(stem)}:
+        if _complete(stem, key, dim):
             ids = np.load(stem.with_suffix(".ids.npy"))
-            vectors = np.memmap(stem.with_suffix(".f32"), np.float32, "r", shape=(len(ids), dim))
-            return cls(ids, vectors, collection, state.version, distinct)
+            vectors = np.memmap(stem.with_suffix(".f32"), np.float32, "r", shape=(max(len(ids), 1), dim))
+            return cls(ids, vectors[: len(ids)], collection, state.version, distinct)
         folder.mkdir(parents=True, exist_ok=True)
         ids, places = _sorted_ids(store, collection, distinct)
         progress = progress or Silent()
         progress.start("reading vectors", len(ids))
-        out = np.memmap(stem.with_suffix(".f32"), np.float32, "w+", shape=(max(len(ids), 1), dim))
+        # Filled under a name of its own and moved into place: a reader of a finished copy never
+        # sees one being written over it.
+        filling = stem.with_name(f".{stem.name}.f32.{os.getpid()}")
+        out = np.memmap(filling, np.float32, "w+", shape=(max(len(ids), 1), dim))
         done = 0
         for _, table in store.iter_shards(collection, ["embedding"]):
             rows = places[done : done + table.num_rows]
@@ -74,6 +79,7 @@ class VectorFile:
             progress.advance(int(keep.sum()))
         out.flush()
         del out
+        os.replace(filling, stem.with_suffix(".f32"))
         progress.finish()
         np.save(stem.with_suffix(".ids.npy"), ids)
         atomic_write(described, lambda tmp: tmp.write_text(json.dumps(key | {"rows": len(ids)})))
@@ -93,9 +99,15 @@ class VectorFile:
             yield start, self.ids[start : start + rows], self.vectors[start : start + rows]
 
 
-def _rows(stem: Path) -> int:
-    path = stem.with_suffix(".ids.npy")
-    return len(np.load(path, mmap_mode="r")) if path.is_file() else -1
+def _complete(stem: Path, key: dict, dim: int) -> bool:
+    """A copy written to the end for ``key``: its description, ids and vectors all whole."""
+    try:
+        described = json.loads(stem.with_suffix(".json").read_text())
+        rows = len(np.load(stem.with_suffix(".ids.npy"), mmap_mode="r"))
+        size = stem.with_suffix(".f32").stat().st_size
+    except (OSError, ValueError):
+        return False
+    return described == key | {"rows": rows} and size == max(rows, 1) * dim * 4
 
 
 def content_keys(digests: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -105,7 +117,8 @@ def content_keys(digests: pa.ChunkedArray | pa.Array) -> np.ndarray:
     8 bytes a row where the strings take 64; two distinct digests share a key with probability
     about 2^-64 a pair.
     """
-    text = np.asarray(pa.chunked_array([digests]).to_numpy(zero_copy_only=False), dtype="S64")
+    recorded = pc.fill_null(pa.chunked_array([digests]), "")
+    text = np.asarray(recorded.to_numpy(zero_copy_only=False), dtype="S64")
     words = np.ascontiguousarray(text).view(np.uint64).reshape(len(text), 8)
     keys = np.full(len(text), 0xCBF29CE484222325, dtype=np.uint64)
     for column in range(8):

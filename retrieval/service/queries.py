@@ -142,7 +142,7 @@ def _vectors(queries: Sequence[Query], observe: Observe) -> list[np.ndarray | Ex
         vector = out[number]
         if (query.plus or query.minus) and not isinstance(vector, Exception):
             try:
-                base = Term(vector=np.asarray(vector, dtype=np.float32))
+                base = Term(vector=np.asarray(vector, dtype=np.float32), like=query.query_from)
                 out[number] = query.snapshot.retriever.compose([base, *query.plus], query.minus)
             except Exception as e:
                 out[number] = e

@@ -205,7 +205,7 @@ class Service:
             return Term(vector=vector_array(part.vector, dim), weight=part.weight)
         collection = part.collection or "images"
         vectors = await self._read(snapshot.retriever.vectors, [int(part.id or 0)], collection)
-        return Term(vector=vectors[0], weight=part.weight)
+        return Term(vector=vectors[0], weight=part.weight, like=collection)
 
     async def _read(self, function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.readers, function, *args)
