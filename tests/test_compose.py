@@ -32,6 +32,8 @@ def test_parts_are_read_as_rclip_writes_them(tmp_path: Path) -> None:
     assert split_weight("2:a dog") == (2.0, "a dog")
     assert split_weight("0.5: a dog") == (0.5, "a dog")
     assert split_weight("note: a dog") == (1.0, "note: a dog")  # only a number before the colon weighs
+    with pytest.raises(InputError, match="positive"):
+        Term.parse("-1:a dog")
     assert Term.parse("2:golden retriever") == Term(text="golden retriever", weight=2.0)
     assert Term.parse(str(picture)) == Term(image=picture)
     assert Term.parse(f"1.5:{picture}") == Term(image=picture, weight=1.5)
@@ -114,7 +116,7 @@ def test_confidence_is_the_percentile_among_random_pairs(near: tuple[Path, np.nd
         sure = retriever.search_vector(vectors[5], 20, query_from="images", min_confidence=0.999)
         elsewhere = unit(np.random.default_rng(9).normal(size=24))  # like no stored vector
         none = retriever.search_vector(elsewhere, 20, query_from="images", min_confidence=0.9999)
-        with pytest.raises(ConfigError, match="no kind"):
+        with pytest.raises(ConfigError, match="a bare vector"):
             retriever.search_vector(vectors[5], 5, min_confidence=0.5)  # a bare vector: of no known kind
         with pytest.raises(ConfigError, match="no captions to measure text queries"):
             retriever.search_vector(vectors[5], 5, min_confidence=0.5, query_from="captions")
@@ -175,17 +177,25 @@ def test_composed_searches_on_a_built_index(config: BuildConfig, tmp_path: Path)
     order = np.argsort(-(stored @ query), kind="stable")[:4]
     assert [h.id for h in hits] == rows[order].tolist()
     np.testing.assert_allclose([h.score for h in hits], (stored @ query)[order], atol=1e-5)
-    # The heaviest part is an image: confidence as image queries score.
-    images_null = Retriever.open(config.out).calibration("images", "images")
-    assert images_null is not None
-    assert hits[0].confidence == pytest.approx(images_null.percentile(hits[0].score))
+    # Texts and an image: no random pairs are of its kind, so no confidence, and no floor.
+    assert all(h.confidence is None for h in hits)
+    with Retriever.open(config.out) as retriever:
+        with pytest.raises(ConfigError, match="both texts and images"):
+            retriever.search_composed(["a dog", f"2:{picture}"], k=3, min_confidence=0.5)
+        texts_only = retriever.search_composed(["a dog", "2:the cat"], k=3)
+        captions_null = retriever.calibration("images", "captions")
+    assert captions_null is not None
+    assert texts_only[0].confidence == pytest.approx(captions_null.percentile(texts_only[0].score))
 
     # The command line: the same query, and a floor no result reaches.
     flags = ["--index", str(config.out), "-k", "4", "--plus", f"2:{picture}", "--minus", "the cat"]
     shown = run(["search", "text", "a dog", *flags, "--json"])
     assert [h["id"] for h in json.loads(shown.stdout)] == [h.id for h in hits]
-    nothing = run(["search", "text", "a dog", *flags, "--min-confidence", "1"])
+    words = ["--index", str(config.out), "-k", "4", "--plus", "2:the cat"]
+    nothing = run(["search", "text", "a dog", *words, "--min-confidence", "1"])
     assert nothing.returncode == 0 and nothing.stdout.startswith("no good match: no result beats 100%")
+    missing = run(["search", "text", "a dog", "--index", str(config.out), "--plus", "nowhere/pool.jpg"])
+    assert missing.returncode == 2 and "no such image file" in missing.stderr
     table = run(["search", "text", "a dog", "--index", str(config.out), "-k", "3", "--dedup", "0.99"])
     assert table.returncode == 0 and "%" in table.stdout.splitlines()[0]  # confidence column
     wrong = run(["search", "text", "a dog", "--index", str(config.out), "--minus", "a dog"])

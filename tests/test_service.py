@@ -465,9 +465,7 @@ def test_composed_folded_and_calibrated_searches(client: TestClient, built: Buil
     body = {"text": "a dog", "plus": [{"image": encoded, "weight": 2}], "minus": ["a red car"], "k": 5}
     answer = client.post("/v1/search", json=body).json()
     assert as_pairs(answer["hits"]) == library_pairs(composed)
-    assert [h["confidence"] for h in answer["hits"]] == pytest.approx(
-        [h.confidence for h in composed], abs=1e-4
-    )
+    assert [h.get("confidence") for h in answer["hits"]] == [h.confidence for h in composed] == [None] * 5
     by_dedup = client.post("/v1/search", json={"text": "a dog", "k": 5, "dedup": 0.99}).json()["hits"]
     assert as_pairs(by_dedup) == library_pairs(folded)
     assert [h.get("near_duplicates", []) for h in by_dedup] == [
@@ -482,9 +480,12 @@ def test_composed_folded_and_calibrated_searches(client: TestClient, built: Buil
     assert as_pairs(text_only["hits"]) == library_pairs(weird)
     by_id = client.post("/v1/search", json={"text": "a dog", "plus": [{"id": composed[0].id}], "k": 3})
     assert by_id.status_code == 200
-    # A stored row as the heaviest part: measured as a query of its collection (an image).
-    heavy = {"text": "a dog", "plus": [{"id": composed[0].id, "weight": 3}], "k": 3, "min_confidence": 0.0}
-    assert len(client.post("/v1/search", json=heavy).json()["hits"]) == 3
+    # Stored images as parts of an image query: measured as image queries.
+    rows = {"id": composed[0].id, "collection": "images", "target": "images", "k": 3, "min_confidence": 0.0}
+    images = client.post("/v1/search", json=rows | {"plus": [{"id": composed[1].id, "weight": 3}]}).json()
+    assert len(images["hits"]) == 3 and all("confidence" in h for h in images["hits"])
+    mixed = {"text": "a dog", "plus": [{"id": composed[0].id}], "min_confidence": 0.5}
+    assert "both texts and images" in error_of(client.post("/v1/search", json=mixed), 422)
     upload = client.post(
         "/v1/search/image",
         files={"file": ("q.jpg", picture.read_bytes(), "image/jpeg")},

@@ -45,7 +45,12 @@ def neighbors(
 
     config = NeighborsConfig(source, target, k, cast(Method, method), block_rows, threads=threads)
     with Retriever.open(index) as retriever:
-        report = write_neighbors(retriever, out, config, Bar(enabled=bars_wanted(as_json)))
+        try:
+            report = write_neighbors(retriever, out, config, Bar(enabled=bars_wanted(as_json)))
+        except KeyboardInterrupt:
+            saved = len(list(out.with_name(out.name + ".parts").glob("block-*.parquet")))
+            typer.echo(f"interrupted: {saved:,} blocks saved; rerun the same command to resume", err=True)
+            raise SystemExit(130) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -53,7 +58,9 @@ def neighbors(
     how = (
         "exact" if report.recall is None else f"through the index, recall@{k} {report.recall:.3f} on a sample"
     )
-    resumed = f"; {report.resumed_blocks} of {report.blocks} blocks resumed" if report.resumed_blocks else ""
+    resumed = (
+        f"; {report.resumed_blocks:,} of {report.blocks:,} blocks resumed" if report.resumed_blocks else ""
+    )
     rate = report.rows / report.seconds if report.seconds else 0.0
     typer.echo(
         f"{report.out}: {report.rows:,} {source} x top-{k} {target} ({how}) from {versions} "

@@ -102,7 +102,8 @@ def _percent(fraction: float) -> str:
     if left < 5e-7:
         return ">99.9999%"
     digits = min(4, max(0, math.ceil(round(-math.log10(left), 6)) - 2))
-    return f"{fraction * 100:.{digits}f}%"
+    shown = math.floor(fraction * 100 * 10**digits) / 10**digits  # never above what it is
+    return f"{shown:.{digits}f}%"
 
 
 def _draw(hits: list[Any], grid: Path, title: str) -> None:

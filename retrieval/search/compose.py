@@ -21,7 +21,8 @@ from retrieval.model.encoder import ImageInput
 
 __all__ = ["Term", "combine", "fold_near", "split_weight"]
 
-_WEIGHTED = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*:(.*)$", re.DOTALL)
+_WEIGHTED = re.compile(r"^\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*:(.*)$", re.DOTALL)
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Term:
         weight, spec = split_weight(spec)
         if Path(spec).is_file():
             return cls(image=Path(spec), weight=weight)
+        if Path(spec).suffix.lower() in _IMAGE_SUFFIXES and " " not in spec:
+            raise InputError(f"{spec}: no such image file (a part names an image only where the file exists)")
         return cls(text=spec, weight=weight)
 
     @property

@@ -66,6 +66,8 @@ class DuplicatesConfig:
     seed: int = 0
 
     def check(self) -> None:
+        if self.collection not in ("images", "captions"):
+            raise ConfigError(f"the collection is images or captions, got {self.collection!r}")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise ConfigError(f"the threshold is a cosine in [-1, 1], got {self.threshold}")
         if not 0.0 < self.false_match_rate < 1.0:
@@ -90,8 +92,9 @@ class Threshold:
 
     def describe(self, collection: str) -> str:
         how = "chosen" if self.auto else "given"
+        shown = f"{self.value:.4f}" if self.value < 0.9999 or self.value == 1.0 else f"{self.value:.7f}"
         text = (
-            f"threshold {self.value:.4f} ({how}: a random pair of {collection} scores above it with "
+            f"threshold {shown} ({how}: a random pair of {collection} scores above it with "
             f"probability {self.pair_rate:.1e}, from {self.pairs:,} pairs; about {self.item_rate:.1e} "
             "false partners an item)"
         )
@@ -207,6 +210,8 @@ def find_duplicates(
         distinct=True,
         seed=config.seed,
     )
+    if scratch is not None:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="duplicates-", dir=scratch) as folder:
         search = NeighborSearch(
             retriever.store,

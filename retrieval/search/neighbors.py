@@ -89,6 +89,8 @@ class NeighborsConfig:
             raise ConfigError(f"method must be exact or index, got {self.method!r}")
         if self.block_rows < 1:
             raise ConfigError("block rows must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,8 @@ def write_neighbors(
     progress = progress or Silent()
     started = time.perf_counter()
     out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder: --out names the Parquet file to write")
     parts = out.with_name(out.name + ".parts")
     index = retriever.index(config.target) if config.method == "index" else None  # type: ignore[arg-type]
     record = retriever.store.state(config.target).index if index is not None else None

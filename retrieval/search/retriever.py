@@ -372,10 +372,11 @@ class Retriever:
     ) -> list[Hit]:
         """The top ``k`` for the normalised weighted sum of ``plus`` minus ``minus`` (``Term``s, or
         strings as ``Term.parse`` reads them: ``"2:a dog"``, ``"photo.jpg"``). Confidence is
-        measured as for the heaviest part's kind (a text: as text queries)."""
+        measured when all parts are of one kind (texts: as text queries); a query mixing texts and
+        images has no random pairs of its own, and no confidence."""
         plus_terms = [t if isinstance(t, Term) else Term.parse(t) for t in plus]
         minus_terms = [t if isinstance(t, Term) else Term.parse(t) for t in minus]
-        heaviest = max(plus_terms, key=lambda t: t.weight) if plus_terms else None
+        kinds = {t.modality for t in [*plus_terms, *minus_terms]}
         return self.search_vector(
             self.compose(plus_terms, minus_terms),
             k,
@@ -384,7 +385,7 @@ class Retriever:
             fold_identical=fold_identical,
             dedup=dedup,
             min_confidence=min_confidence,
-            query_from=heaviest.modality if heaviest else None,  # type: ignore[arg-type]
+            query_from=kinds.pop() if len(kinds) == 1 else None,  # type: ignore[arg-type]
         )
 
     def compose(self, plus: Sequence[Term], minus: Sequence[Term] = ()) -> np.ndarray:
@@ -461,7 +462,10 @@ class Retriever:
     def _uncalibrated(self, target: Target, queries: Target | None) -> str:
         """Why a search of ``queries``-like vectors on ``target`` has no confidence."""
         if queries is None:
-            return "a bare vector query has no kind to measure its scores against: give a text or an image"
+            return (
+                "this query (a bare vector, or parts of both texts and images) has no random pairs of "
+                "its own to measure its scores against: give a text, an image, or parts of one kind"
+            )
         if queries not in self.manifest.collections:
             kind = "text" if queries == "captions" else "image"
             return f"{self.store.folder} has no {queries} to measure {kind} queries on {target} against" + (

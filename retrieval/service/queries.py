@@ -62,14 +62,13 @@ class Query:
 
     @property
     def query_from(self) -> Target | None:
-        """The collection this query is like, for its hits' confidence: the heaviest part's."""
+        """The collection this query is like, for its hits' confidence (None for a bare vector,
+        or parts of both texts and images)."""
         own: Target | None = {"text": "captions", "image": "images"}.get(self.kind)  # type: ignore[assignment]
         if self.item is not None:
             own = self.item[0]
-        heaviest = max(self.plus, key=lambda t: t.weight, default=None)
-        if heaviest is not None and heaviest.weight > 1.0:
-            return heaviest.modality  # type: ignore[return-value]
-        return own
+        kinds = {own} | {t.modality for t in (*self.plus, *self.minus)}
+        return kinds.pop() if len(kinds) == 1 else None  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ function percent(fraction) {
   const left = 1 - fraction;
   if (left < 5e-7) return ">99.9999%";
   const digits = Math.min(4, Math.max(0, Math.ceil(Number((-Math.log10(left)).toFixed(6))) - 2));
-  return (fraction * 100).toFixed(digits) + "%";
+  const scale = Math.pow(10, digits);
+  return (Math.floor(fraction * 100 * scale) / scale).toFixed(digits) + "%";
 }
 
 function indexName() {
