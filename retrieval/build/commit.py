@@ -9,6 +9,10 @@ records it in the catalog with the table version it covers: that write publishes
 committed meanwhile. Each of these is one Delta commit or one catalog write. A build works on a
 ``Target``: the folder's tables, or during ``--rebuild`` tables beside them that readers do not see
 until ``promote`` makes them the folder's in one commit per table and one catalog write.
+
+One module: every write of a build goes through here, and keeping them side by side is what lets
+a reader check that none is missing its commit; the Delta table, the staging area and the FAISS
+layer it calls live in modules of their own.
 """
 
 from __future__ import annotations

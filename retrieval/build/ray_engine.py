@@ -13,6 +13,9 @@ Faults: a decoding task whose worker dies is retried once, then its files are de
 so that a file that kills its decoder fails alone; an actor that dies is started again once and
 its calls in flight are redone. A killed driver leaves staged items that the rerun's plan finds by
 name and commits without encoding them again (``docs/decisions/0005-ray-tasks-and-actors.md``).
+
+One module for the driver's side of a run (connecting, scheduling, retries, the stages' report),
+which share one run's state; what workers execute is ``ray_tasks``.
 """
 
 from __future__ import annotations

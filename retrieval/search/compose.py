@@ -9,17 +9,19 @@ of one already kept is counted under the best such one instead of shown.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from retrieval.errors import InputError
+from retrieval.errors import ConfigError, InputError
 from retrieval.model.encoder import ImageInput
+from retrieval.search.hits import Hit
 
-__all__ = ["Term", "combine", "fold_near", "split_weight"]
+__all__ = ["Term", "combine", "compose_vector", "fold_hits", "fold_near", "split_weight"]
 
 _WEIGHTED = re.compile(r"^\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*:(.*)$", re.DOTALL)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
@@ -105,3 +107,45 @@ def fold_near(vectors: np.ndarray, threshold: float) -> list[list[int]]:
         kept.append(position)
         groups.append([position])
     return groups
+
+
+def compose_vector(
+    plus: Sequence[Term],
+    minus: Sequence[Term],
+    encode_texts: Callable[[list[str]], np.ndarray],
+    encode_images: Callable[[list[ImageInput]], np.ndarray],
+    dim: int,
+) -> np.ndarray:
+    """The query vector (D,) float32 of ``plus`` minus ``minus``: texts encoded in one call,
+    images in another, vectors as given (checked to be ``dim`` wide)."""
+    terms = [*plus, *minus]
+    vectors: list[np.ndarray | None] = [t.vector for t in terms]
+    texts = [n for n, t in enumerate(terms) if t.text is not None]
+    images = [n for n, t in enumerate(terms) if t.image is not None]
+    if texts:
+        for n, v in zip(texts, encode_texts([str(terms[n].text) for n in texts]), strict=True):
+            vectors[n] = v
+    if images:
+        for n, v in zip(images, encode_images([terms[n].image for n in images]), strict=True):  # type: ignore[misc]
+            vectors[n] = v
+    for v in vectors:
+        if v is None or np.asarray(v).shape != (dim,):
+            raise ConfigError(f"a query part's vector must be ({dim},) float32")
+    parts = [(t.weight, v) for t, v in zip(terms, vectors, strict=True)]
+    return combine(parts[: len(plus)], parts[len(plus) :])  # type: ignore[arg-type]
+
+
+def fold_hits(hits: list[Hit], vectors: np.ndarray, threshold: float, k: int) -> list[Hit]:
+    """``hits`` in rank order and their stored vectors (n, D) -> the first ``k`` not within
+    ``threshold`` of a better one, renumbered, each listing in ``near_duplicates`` the hits folded
+    into it that rank above the last of them (all of those given, when fewer than ``k`` remain)."""
+    groups = fold_near(vectors, threshold)
+    # With k kept, what ranks below the last of them would not have been shown: not listed.
+    last = groups[k - 1][0] if len(groups) >= k else len(hits)
+    out = []
+    for rank, (first, *others) in enumerate(groups[:k], start=1):
+        best = hits[first]
+        folded_ids = [hits[m].id for m in others if m < last]
+        fields = best.fields | ({"near_duplicates": folded_ids} if folded_ids else {})
+        out.append(dataclasses.replace(best, rank=rank, fields=fields))
+    return out

@@ -4,10 +4,15 @@ by a caption file's own columns, and files of identical content folded into one 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["BUILT_IN_FIELDS", "Hit", "folded", "user_fields"]
+import numpy as np
+
+__all__ = ["BUILT_IN_FIELDS", "Hit", "folded", "hits_of", "user_fields"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +62,28 @@ def folded(hits: list[Hit]) -> list[Hit]:
         fields = best.fields | ({"identical": same} if same else {})
         folded.append(dataclasses.replace(best, rank=rank, fields=fields))
     return folded
+
+
+def hits_of(
+    records: list[dict[str, Any]],
+    scores: Sequence[float] | np.ndarray,
+    collection: str,
+    root: str | None,
+    confidences: np.ndarray | None = None,
+) -> list[Hit]:
+    """Rows as a search reads them (``id`` and the result columns), in rank order, with their
+    scores and confidences -> ``Hit``s: image paths joined to ``root``, a caption's own columns
+    beside the built-in ones."""
+    hits = []
+    for rank, record in enumerate(records, start=1):
+        record_id, score = int(record.pop("id")), float(scores[rank - 1])
+        sure = None if confidences is None else float(confidences[rank - 1])
+        if collection == "images":
+            path = str(Path(root) / record.pop("path")) if root else record.pop("path")
+            hits.append(Hit(rank, record_id, score, collection, path=path, fields=record, confidence=sure))
+        else:
+            metadata = user_fields(json.loads(record.pop("metadata") or "{}"))
+            text = record.pop("text")
+            fields = record | metadata
+            hits.append(Hit(rank, record_id, score, collection, text=text, fields=fields, confidence=sure))
+    return hits

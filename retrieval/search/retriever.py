@@ -1,5 +1,9 @@
 """``Retriever``: search an index folder by text, image, vector or id, from a pipeline or the CLI.
 
+It is the library's one search object, so it stays one class: its methods are the public calls
+and hold little of the work, which lives in ``ann`` (indexes), ``compose`` (composed queries,
+folding), ``confidence``, ``hits``, ``rowsource`` and ``neighbors``.
+
 Everything heavy loads on first use and is kept: the model (the one the index was built with,
 checked by fingerprint), each collection's FAISS index (checked by sha256), and the rows that
 results carry. Scores are cosine similarities. ``allow_ids`` restricts a search inside FAISS (an
@@ -8,8 +12,6 @@ results carry. Scores are cosine similarities. ``allow_ids`` restricts a search 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from retrieval.ann.calibration import ScoreNull, readable
+from retrieval.ann.calibration import ScoreNull
 from retrieval.ann.faiss_index import SearchIndex, load_index
 from retrieval.errors import (
     ConfigError,
@@ -31,9 +33,10 @@ from retrieval.errors import (
     UnknownIdError,
 )
 from retrieval.model.encoder import Encoder, ImageInput
-from retrieval.search.compose import Term, combine, fold_near
+from retrieval.search.compose import Term, compose_vector, fold_hits
+from retrieval.search.confidence import null_of, uncalibrated
 from retrieval.search.filters import Where, matching_ids, needed_columns, parse_where
-from retrieval.search.hits import Hit, folded, user_fields
+from retrieval.search.hits import Hit, folded, hits_of
 from retrieval.search.modelref import load_index_encoder
 from retrieval.search.neighbors import Method, NeighborBlock, NeighborsConfig, neighbor_blocks
 from retrieval.search.rowsource import RowSource
@@ -82,6 +85,7 @@ class Retriever:
         self._indexes: dict[str, SearchIndex] = {}
         self._rows: dict[str, _Rows] = {}
         self._sources: dict[str, RowSource] = {}
+        self._nulls: dict[tuple[str, str], ScoreNull | None] = {}
 
     @classmethod
     def open(
@@ -107,7 +111,7 @@ class Retriever:
             return False
         old = self.store
         self.store, self.manifest = fresh, fresh.manifest  # type: ignore[assignment]
-        self._indexes, self._rows, self._sources = {}, {}, {}
+        self._indexes, self._rows, self._sources, self._nulls = {}, {}, {}, {}
         if (
             self._encoder is not None
             and self._own_encoder
@@ -391,22 +395,8 @@ class Retriever:
     def compose(self, plus: Sequence[Term], minus: Sequence[Term] = ()) -> np.ndarray:
         """The query vector (D,) float32 of ``plus`` minus ``minus``: texts encoded in one forward,
         images in another."""
-        terms = [*plus, *minus]
-        vectors: list[np.ndarray | None] = [t.vector for t in terms]
-        texts = [n for n, t in enumerate(terms) if t.text is not None]
-        images = [n for n, t in enumerate(terms) if t.image is not None]
-        if texts:
-            for n, v in zip(texts, self.encode_queries([str(terms[n].text) for n in texts]), strict=True):
-                vectors[n] = v
-        if images:
-            for n, v in zip(images, self.encode_images([terms[n].image for n in images]), strict=True):  # type: ignore[misc]
-                vectors[n] = v
         dim = int(self.manifest.model["fingerprint"]["dim"])
-        for v in vectors:
-            if v is None or np.asarray(v).shape != (dim,):
-                raise ConfigError(f"a query part's vector must be ({dim},) float32")
-        parts = [(t.weight, v) for t, v in zip(terms, vectors, strict=True)]
-        return combine(parts[: len(plus)], parts[len(plus) :])  # type: ignore[arg-type]
+        return compose_vector(plus, minus, self.encode_queries, self.encode_images, dim)
 
     def search_vector(
         self,
@@ -436,7 +426,7 @@ class Retriever:
             if not 0.0 <= min_confidence <= 1.0:
                 raise ConfigError(f"a confidence is a fraction in [0, 1], got {min_confidence}")
             if null is None:
-                raise ConfigError(self._uncalibrated(target, query_from))
+                raise ConfigError(uncalibrated(self.store.folder, self.manifest, target, query_from))
         if dedup is not None and not -1.0 <= dedup <= 1.0:
             raise ConfigError(f"dedup is a cosine in [-1, 1], got {dedup}")
         fetch = k if not (fold_identical or dedup is not None) else 2 * k
@@ -448,8 +438,8 @@ class Retriever:
             hits = self.hits(ids[0], scores[0], target, null)
             if fold_identical:
                 hits = folded(hits)
-            if dedup is not None:
-                hits = self._fold_near(hits, target, dedup, k)
+            if dedup is not None and hits:
+                hits = fold_hits(hits, self.vectors(np.array([h.id for h in hits]), target), dedup, k)
             done = fetch == k or (ids[0] < 0).any() or fetch >= min(most, self.size(target))
             if len(hits) >= k or done:
                 break
@@ -459,45 +449,13 @@ class Retriever:
             hits = [h for h in hits if h.confidence is not None and h.confidence >= min_confidence]
         return hits
 
-    def _uncalibrated(self, target: Target, queries: Target | None) -> str:
-        """Why a search of ``queries``-like vectors on ``target`` has no confidence."""
-        if queries is None:
-            return (
-                "this query (a bare vector, or parts of both texts and images) has no random pairs of "
-                "its own to measure its scores against: give a text, an image, or parts of one kind"
-            )
-        if queries not in self.manifest.collections:
-            kind = "text" if queries == "captions" else "image"
-            return f"{self.store.folder} has no {queries} to measure {kind} queries on {target} against" + (
-                ": index captions with the images (index build --captions ...)" if kind == "text" else ""
-            )
-        where = f"{self.store.folder}: no score calibration for {queries} queries on {target}"
-        return f"{where}: rerun `index build`"
-
     def calibration(self, target: Target, queries: Target) -> ScoreNull | None:
         """How random pairs of ``queries`` items and ``target`` items score, as the index recorded
         it when it was built (None for an index built before calibration)."""
-        record = self.store.state(_target(target)).index
-        data = (record.calibration or {}).get(queries) if record is not None else None
-        return ScoreNull.from_dict(data) if data is not None and readable(data) else None
-
-    def _fold_near(self, hits: list[Hit], target: Target, threshold: float, k: int) -> list[Hit]:
-        """The first ``k`` hits not within ``threshold`` of a better one, each listing the hits
-        folded into it that rank above the last of them (all those fetched, when fewer remain)."""
-        if not hits:
-            return hits
-        vectors = self.vectors(np.array([h.id for h in hits], dtype=np.int64), target)
-        groups = fold_near(vectors, threshold)
-        # With k kept, what ranks below the last of them would not have been shown: not listed.
-        last = groups[k - 1][0] if len(groups) >= k else len(hits)
-        groups = groups[:k]
-        out = []
-        for rank, (first, *others) in enumerate(groups, start=1):
-            best = hits[first]
-            folded_ids = [hits[m].id for m in others if m < last]
-            fields = best.fields | ({"near_duplicates": folded_ids} if folded_ids else {})
-            out.append(dataclasses.replace(best, rank=rank, fields=fields))
-        return out
+        key = (_target(target), queries)
+        if key not in self._nulls:  # parsed once: searches ask for it on every query
+            self._nulls[key] = null_of(self.store.state(key[0]).index, queries)
+        return self._nulls[key]
 
     def neighbors(
         self,
@@ -529,27 +487,8 @@ class Retriever:
         ``null`` (``calibration``), each score's confidence."""
         valid = ids >= 0
         records = self.source(target).take(ids[valid]).to_pylist()
-        root = self.store.state("images").root
-        confidences = null.percentile(scores[valid]) if null is not None else [None] * len(records)
-        hits = []
-        for rank, (record, score, confidence) in enumerate(
-            zip(records, scores[valid], confidences, strict=True), start=1
-        ):
-            record_id = int(record.pop("id"))
-            sure = None if confidence is None else float(confidence)
-            if target == "images":
-                path = str(Path(root) / record.pop("path")) if root else record.pop("path")
-                hits.append(
-                    Hit(rank, record_id, float(score), target, path=path, fields=record, confidence=sure)
-                )
-            else:
-                metadata = user_fields(json.loads(record.pop("metadata") or "{}"))
-                text = record.pop("text")
-                fields = record | metadata
-                hits.append(
-                    Hit(rank, record_id, float(score), target, text=text, fields=fields, confidence=sure)
-                )
-        return hits
+        confidences = null.percentile(scores[valid]) if null is not None else None
+        return hits_of(records, scores[valid], target, self.store.state("images").root, confidences)
 
     def filter_ids(self, target: Target, where: Sequence[Where]) -> np.ndarray:
         """Ids whose fields match every ``(field, op, value)``; op is ``=`` (equal) or ``~`` (glob).
