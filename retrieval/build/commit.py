@@ -18,6 +18,7 @@ layer it calls live in modules of their own.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -272,11 +273,15 @@ class Committer:
         self.outcomes: dict[str, list[Outcome]] = {}
         self.remaining: dict[str, set[int]] = {}  # collection -> numbers of items not yet committed
         self.waiting: dict[str, dict[str, tuple[set[int], list[int]]]] = {}
+        self.written = 0  # rows the collection in progress has written so far (from ``begin``)
+        self.write_seconds = 0.0  # spent writing them (data and outcome files)
+        self.commit_seconds = 0.0  # spent committing them to the table's log
 
     def begin(self, plan: CollectionPlan) -> None:
         """Commit what a plan decides before any item: deletions, stats, outcomes, reserved ids."""
         name = plan.collection
         state = self.target.state(name)
+        self.written, self.write_seconds, self.commit_seconds = 0, 0.0, 0.0
         self.outcomes[name] = list(plan.outcomes)
         self.remaining[name] = set(range(len(plan.items)))  # items are numbered from 0
         self.waiting[name] = {k: (set(v[0]), v[1]) for k, v in plan.waiting.items()}
@@ -314,6 +319,7 @@ class Committer:
         """Commit one item's rows as a data file (and the outcomes of its failed inputs)."""
         name = result.item.collection
         state = self.target.state(name)
+        began = time.perf_counter()
         adds: tuple[FileRef, ...] = ()
         staging = Staging(self.store.folder, self.target.table(name).prefix)
         if result.staged is not None:
@@ -345,7 +351,11 @@ class Committer:
                     del self.waiting[name][source]
         indexed = state.counts.get("indexed", 0) + result.added
         counts = _counts(indexed, self.outcomes[name])
+        written = time.perf_counter()
         self.target.commit(name, replace(state, outcomes=out, sources=sources, counts=counts), adds)
+        self.written += result.added
+        self.write_seconds += written - began
+        self.commit_seconds += time.perf_counter() - written
 
     def end(self, collection: str) -> bool:
         """Clear the plan once every item is committed; False while some are still to do."""

@@ -58,13 +58,20 @@ class BuildConfig:
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds for one image; 0: no limit
     index: IndexConfig = field(default_factory=IndexConfig)
     engine: Literal["local", "ray"] = "local"  # who encodes: this machine, or a Ray cluster
+    # Where JPEGs are decoded: "gpu" (nvJPEG; the rest on the CPU), "cpu", or "auto": the GPU
+    # where the model runs on one and torchvision can decode there (local engine).
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # engine "ray": which and how
 
 
 @dataclass(frozen=True)
 class StageReport:
-    """One stage of a build on a cluster: ``inputs`` through it, ``busy`` seconds of work summed
-    over its ``workers``, and so the rate it could sustain alone (``capacity``, inputs/s)."""
+    """One stage of a build: ``inputs`` through it, ``busy`` seconds of work summed over its
+    ``workers``, and so the rate it could sustain alone (``capacity``, inputs/s).
+
+    On a CPU build the stages share the machine's cores: there ``busy`` is CPU time (decoding,
+    the model) and ``workers`` the cores the stage could use alone.
+    """
 
     name: Literal["decode", "encode", "write", "commit"]
     inputs: int
@@ -80,11 +87,20 @@ class StageReport:
         return asdict(self) | {"busy": round(self.busy, 3), "capacity": round(self.capacity, 1)}
 
 
-def verdict(stages: tuple[StageReport, ...], gpus: bool) -> str:
-    """One line on what bounds a cluster build: the stage with the lowest capacity."""
+_BOUND = {"decode": "decode-bound", "encode": "model-bound", "write": "write-bound", "commit": "commit-bound"}
+
+
+def verdict(
+    stages: tuple[StageReport, ...], gpus: bool, shared_cores: int | None = None, seconds: float = 0.0
+) -> str:
+    """One line on what bounds a build. Stages on their own workers: the one with the lowest
+    capacity. Stages sharing ``shared_cores`` cores for ``seconds`` (a CPU build): the one with the
+    most of their work, and how busy the cores were."""
     timed = [s for s in stages if s.inputs and s.busy > 0]
     if not timed:
         return ""
+    if shared_cores is not None:
+        return _shared_verdict(timed, shared_cores, seconds)
     slowest = min(timed, key=lambda s: s.capacity)
     others = ", ".join(f"{s.name} {s.capacity:,.0f}/s" for s in timed if s is not slowest)
     figures = f"{slowest.name} {slowest.capacity:,.0f}/s against {others}" if others else ""
@@ -95,6 +111,19 @@ def verdict(stages: tuple[StageReport, ...], gpus: bool) -> str:
         "commit": "commit-bound: bigger work items (--shard-rows) make fewer commits",
     }[slowest.name]
     return f"{advice} ({figures})" if figures else advice
+
+
+def _shared_verdict(timed: list[StageReport], cores: int, seconds: float) -> str:
+    work = sum(s.busy for s in timed)
+    heaviest = max(timed, key=lambda s: s.busy)
+    shares = ", ".join(f"{s.name} {s.busy / work:.0%}" for s in timed)
+    busy = work / (seconds * cores) if seconds > 0 else 1.0
+    line = (
+        f"{_BOUND[heaviest.name]} ({shares} of the work on {cores} shared cores, {min(busy, 1.0):.0%} busy)"
+    )
+    if busy < 0.75:  # decoding time is CPU time: a slow disk or share shows as idle cores
+        line += "; the cores waited: reading the files (a slow disk or network share?) may be the limit"
+    return line
 
 
 @dataclass(frozen=True)
@@ -111,8 +140,8 @@ class CollectionReport:
     seconds: float
     refreshed: int = 0  # rows kept with new file stats (touched, same content)
     truncated: int = 0  # of the rows written, captions cut to the tokenizer's limit
-    stages: tuple[StageReport, ...] = ()  # a cluster build's stages (the local engine has none)
-    verdict: str = ""  # what bound a cluster build, in one line
+    stages: tuple[StageReport, ...] = ()  # how its stages went (none when nothing was to be done)
+    verdict: str = ""  # what bound the build, in one line
 
     def to_dict(self) -> dict[str, Any]:
         plain = {k: v for k, v in vars(self).items() if k != "stages"}

@@ -12,7 +12,9 @@ what it finished of the items in flight (``complete=False``); their other inputs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +24,13 @@ import numpy as np
 import torch
 
 from retrieval.build.config import StageReport
+from retrieval.build.cores import CoreShare
 from retrieval.build.image_items import ImageItems
 from retrieval.build.plan import CaptionInput, WorkItem, collection_of, item_sizes
 from retrieval.build.staging import StagedItem
 from retrieval.build.stored import StoredVectors
+from retrieval.ingest.decoding import DecodeError, decode_bytes
+from retrieval.ingest.gpu_decode import GpuJpegDecoder
 from retrieval.ingest.reader import (
     DEFAULT_DECODE_TIMEOUT,
     DecodedGroup,
@@ -91,12 +96,15 @@ class ItemResult:
 class Executor(Protocol):
     """Runs work items; yields a result for each (a partial one for those a stop interrupted).
 
-    ``stages`` says how the last run's stages went where the executor measures them (a cluster's),
-    ``gpus`` how many GPUs each of its encoding workers has; ``close`` releases its workers.
+    ``stages`` says how the last run's stages went (``config.verdict`` reads them), ``gpus`` how
+    many GPUs each of its encoding workers has, ``shared_cores`` how many CPU cores its stages
+    share (a CPU build on one machine; None where each stage has its own); ``close`` releases its
+    workers.
     """
 
     stages: tuple[StageReport, ...]
     gpus: float
+    shared_cores: int | None
 
     def close(self) -> None: ...
 
@@ -110,9 +118,14 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """This machine: decoding worker processes, the model on the encoder's device."""
+    """This machine: decoding worker processes, the model on the encoder's device.
 
-    stages: tuple[StageReport, ...] = ()  # the model and decoding share the machine: not timed apart
+    On a CPU the model's threads follow its share of the work (``build.cores``); on a GPU the main
+    process only feeds the device, with two threads, and with ``gpu_decoder`` decodes the JPEGs
+    there (the workers only read and hash them). ``stages`` times decoding (the workers' CPU time)
+    and encoding (on a CPU the model's CPU time; on a GPU its wall time, decoding there included)
+    of the last run.
+    """
 
     def __init__(
         self,
@@ -124,15 +137,20 @@ class LocalExecutor:
         decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
         decode: Decoder | None = None,
         start_method: str | None = None,
+        gpu_decoder: GpuJpegDecoder | None = None,
     ) -> None:
         self.encoder = encoder
+        self.gpu_decoder = gpu_decoder  # JPEGs decoded on the GPU (None: every file on the CPU)
         self.root = root
         self.workers = default_workers(workers)
         self.max_pixels = max_pixels
         self.decode_timeout = decode_timeout
         self.decode = decode  # another decoder in place of ingest.reader.decode_file (module-level)
         self.start_method = start_method  # how decoding workers start (default: the platform's)
-        self.gpus = 1.0 if encoder.runtime.device.type == "cuda" else 0.0
+        on_gpu = encoder.runtime.device.type == "cuda"
+        self.gpus = 1.0 if on_gpu else 0.0
+        self.shared_cores: int | None = None if on_gpu else torch.get_num_threads()
+        self.stages: tuple[StageReport, ...] = ()
 
     def close(self) -> None:
         pass  # its decoding workers live for one run
@@ -167,8 +185,16 @@ class LocalExecutor:
     ) -> Iterator[ItemResult]:
         if self.root is None:
             raise ValueError("an image work item needs the executor's image root")
-        run = _ImageRun(items, stored, progress)
-        with self._feeding_threads():
+        run = _ImageRun(items, stored, progress, self.gpu_decoder, self.max_pixels)
+        with _restored_threads() as threads:
+            share = None
+            if self.encoder.runtime.device.type == "cuda":
+                # The main process only feeds the device: more threads would spin against the
+                # decoding workers for the same cores.
+                torch.set_num_threads(min(threads, 2))
+            else:
+                share = CoreShare(threads)
+                self.shared_cores = threads
             groups = read_images(
                 self.root,
                 run.files(),
@@ -178,27 +204,21 @@ class LocalExecutor:
                 decode_timeout=self.decode_timeout,
                 decode=self.decode,
                 start_method=self.start_method,
+                gpu_jpegs=self.gpu_decoder is not None,
             )
             for group in _until_stopped(groups, stop):
+                if share is not None:
+                    share.add_decoded(group.files, group.cpu_seconds)
                 yield from run.take(group)
-                if len(run.waiting) >= self.encoder.image_batch_size:
-                    yield from run.encode(self.encoder)
+                if run.pending >= self.encoder.image_batch_size:
+                    yield from run.encode(self.encoder, share)
             if stop is None or not stop.is_set():
-                yield from run.encode(self.encoder)
+                if share is not None:
+                    share.decoding = False
+                yield from run.encode(self.encoder, share)
+        self.stages = run.stages(max(1, self.workers), self.shared_cores if share else None)
         # Stopped: what each item in flight finished is committed; the rest stays planned.
         yield from run.unfinished()
-
-    @contextlib.contextmanager
-    def _feeding_threads(self) -> Iterator[None]:
-        """On a GPU the main process only feeds the device: its CPU threads would spin against the
-        decoding workers for the same cores. torch's thread count is the process's: restored after."""
-        threads = torch.get_num_threads()
-        if self.encoder.runtime.device.type == "cuda":
-            torch.set_num_threads(min(threads, 2))
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
 
     # -- captions ----------------------------------------------------------------------------------
 
@@ -212,6 +232,10 @@ class LocalExecutor:
         # The bar moves every few model batches, not once an item (65,536 captions by default);
         # tokens are made a chunk ahead while the model runs, and held for two chunks only.
         step = self.encoder.text_batch_size * 4
+        # Tokenizing and the model: CPU time on a CPU (the cores the stages share), else wall time.
+        clock = time.perf_counter if self.shared_cores is None else time.process_time
+        busy, encoded = 0.0, 0
+        self.stages = ()
         for item in items:
             inputs = [x for x in item.inputs if isinstance(x, CaptionInput)]
             hashes = [x.sha256 for x in inputs]
@@ -227,10 +251,14 @@ class LocalExecutor:
             stopped = False
             chunks = self.encoder.encode_text_chunks([inputs[k].record.text for k in todo], step)
             while not (stopped := stop is not None and stop.is_set()):
+                began = clock()
                 chunk = next(chunks, None)
+                busy += clock() - began
                 if chunk is None:
                     break
                 offset, vectors, flags = chunk
+                encoded += len(vectors)
+                self.stages = (StageReport("encode", encoded, busy, self.shared_cores or 1),)
                 part = todo[offset : offset + len(vectors)]
                 ready.update(zip(part, vectors, strict=True))
                 truncated[part] = flags
@@ -259,6 +287,9 @@ def caption_row(x: CaptionInput, sha256: str, truncated: bool) -> CaptionRow:
     return CaptionRow(r.text, r.source, r.row, r.image, sha256, x.size, x.mtime_ns, cut, x.metadata)
 
 
+_Failed = tuple[int, Outcome]  # an input number and why it failed
+
+
 class _ImageRun:
     """The images of some work items on their way through decoding and the model.
 
@@ -266,19 +297,33 @@ class _ImageRun:
     vector or as an outcome, and an item is yielded once all its inputs have settled.
     """
 
-    def __init__(self, items: Sequence[WorkItem], stored: StoredVectors, progress: Progress) -> None:
+    def __init__(
+        self,
+        items: Sequence[WorkItem],
+        stored: StoredVectors,
+        progress: Progress,
+        gpu: GpuJpegDecoder | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.items = items if isinstance(items, ImageItems) else ImageItems.of(items)
+        self.gpu = gpu  # decodes the JPEGs the workers kept as bytes
+        self.max_pixels = max_pixels
         self.results: dict[int, ItemResult] = {}  # by position: items some input of which has settled
         self.stored = stored
         self.progress = progress
         self.rows: dict[int, ImageRow] = {}  # decoded, waiting for the model
         self.waiting: list[tuple[int, np.ndarray]] = []  # (input number, pixels (1, H, W, 3))
+        self.jpegs: list[tuple[int, bytes]] = []  # (input number, JPEG for the GPU)
+        self.decoded = self.encoded = 0
+        self.decode_cpu = self.encode_cpu = self.encode_wall = 0.0  # seconds
 
     def files(self) -> Sequence[ImageFile]:
         return self.items.files()
 
     def take(self, group: DecodedGroup) -> Iterator[ItemResult]:
         """A decoded group: failures settle now, known content takes its stored vector."""
+        self.decoded += group.files
+        self.decode_cpu += group.cpu_seconds
         for index, outcome in group.failures:
             yield from self._settle(index, outcome=outcome)
         for k, image in enumerate(group.images):
@@ -290,15 +335,81 @@ class _ImageRun:
             else:
                 self.rows[image.index] = row
                 self.waiting.append((image.index, group.pixels[k : k + 1].numpy()))
+        for image, data in group.jpegs:
+            x = self.items.input(image.index)
+            flags = ("gpu_decoded",)
+            row = ImageRow(x.path, image.sha256, x.size, x.mtime_ns, image.width, image.height, flags)
+            if (vector := self.stored.get(image.sha256)) is not None:
+                yield from self._settle(image.index, row, vector, fresh=False)
+            else:
+                self.rows[image.index] = row
+                self.jpegs.append((image.index, data))
 
-    def encode(self, encoder: Encoder) -> Iterator[ItemResult]:
-        """Everything decoded so far through the model, as one batch."""
-        if not self.waiting:
+    @property
+    def pending(self) -> int:
+        """Images waiting for the model."""
+        return len(self.waiting) + len(self.jpegs)
+
+    def encode(self, encoder: Encoder, share: CoreShare | None = None) -> Iterator[ItemResult]:
+        """Everything decoded so far through the model, as one batch (with ``share``: on the CPU,
+        with the threads the model's share of the cores gives it)."""
+        if not self.pending:
             return
-        vectors = encoder.encode_pixels(np.concatenate([pixels for _, pixels in self.waiting]))
-        waiting, self.waiting = self.waiting, []
-        for (index, _), vector in zip(waiting, vectors, strict=True):
+        threads = share.threads() if share is not None else torch.get_num_threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        wall, cpu, own = time.perf_counter(), time.process_time(), time.thread_time()
+        numbers, pixels, failed = self._batch(encoder)
+        vectors = encoder.encode_pixels(pixels) if numbers else np.empty((0, 0), np.float32)
+        if share is not None:
+            share.add_encoded(len(vectors), threads, time.thread_time() - own)
+        self.encode_cpu += time.process_time() - cpu
+        self.encode_wall += time.perf_counter() - wall
+        self.encoded += len(vectors)
+        for index, outcome in failed:
+            self.rows.pop(index)
+            yield from self._settle(index, outcome=outcome)
+        for index, vector in zip(numbers, vectors, strict=True):
             yield from self._settle(index, self.rows.pop(index), vector, fresh=True)
+
+    def _batch(self, encoder: Encoder) -> tuple[list[int], np.ndarray | torch.Tensor, list[_Failed]]:
+        """What waits, as one batch of pixels: the input numbers, uint8 (B, H, W, 3) (on the
+        device where some were decoded there) and the JPEGs the GPU refused that the CPU could not
+        decode either."""
+        numbers = [index for index, _ in self.waiting]
+        cpu = [pixels for _, pixels in self.waiting]
+        self.waiting = []
+        if not self.jpegs:
+            return numbers, np.concatenate(cpu) if cpu else np.empty((0, 0, 0, 3), np.uint8), []
+        assert self.gpu is not None  # jpegs come only from workers told to keep them for it
+        jpegs, self.jpegs = self.jpegs, []
+        decoded, refused = self.gpu.decode([data for _, data in jpegs])
+        failed: list[_Failed] = []
+        for k in refused:  # odd JPEGs nvJPEG would not take: decoded here, or failed with the reason
+            index, data = jpegs[k]
+            try:
+                _, _, pixels, reduced = decode_bytes(data, encoder.preprocess, self.max_pixels)
+            except DecodeError as e:
+                x = self.items.input(index)
+                outcome = Outcome(x.path, "failed", "decode", str(e), e.code, x.size, x.mtime_ns)
+                failed.append((index, outcome))
+                continue
+            flags = ("reduced_on_load",) if reduced else ()
+            self.rows[index] = dataclasses.replace(self.rows[index], flags=flags)
+            numbers.append(index)
+            cpu.append(pixels[None])
+        again = set(refused)
+        numbers += [index for k, (index, _) in enumerate(jpegs) if k not in again]
+        parts = [torch.from_numpy(np.concatenate(cpu)).to(decoded.device)] if cpu else []
+        return numbers, torch.cat([*parts, decoded]), failed
+
+    def stages(self, workers: int, shared_cores: int | None) -> tuple[StageReport, ...]:
+        """Decoding (the workers' CPU time) and encoding: on shared cores its CPU time, which all
+        the cores could do alone; on a GPU its wall time."""
+        decode = StageReport("decode", self.decoded, self.decode_cpu, workers)
+        if shared_cores is None:
+            return decode, StageReport("encode", self.encoded, self.encode_wall, 1)
+        return decode, StageReport("encode", self.encoded, self.encode_cpu, shared_cores)
 
     def unfinished(self) -> Iterator[ItemResult]:
         """Items a stop interrupted, with what they finished."""
@@ -329,6 +440,16 @@ class _ImageRun:
         if result.settled == len(item.ids):
             result.complete = True
             yield self.results.pop(position)
+
+
+@contextlib.contextmanager
+def _restored_threads() -> Iterator[int]:
+    """torch's thread count (the process's), given back as it was afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _until_stopped(groups: Iterator[DecodedGroup], stop: threading.Event | None) -> Iterator[DecodedGroup]:

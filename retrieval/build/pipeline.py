@@ -17,6 +17,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from retrieval.build.commit import Committer, Target
 from retrieval.build.config import BuildConfig, BuildReport, CollectionReport, StageReport, verdict
 from retrieval.build.execute import Executor, LocalExecutor
@@ -24,6 +26,7 @@ from retrieval.build.plan import CollectionPlan, plan_captions, plan_images, rea
 from retrieval.build.stored import StoredVectors
 from retrieval.durable import file_sha256
 from retrieval.errors import BuildInterrupted, ConfigError, InputError, InputWarning
+from retrieval.ingest.gpu_decode import GpuJpegDecoder, gpu_decoding_problem
 from retrieval.ingest.sources import CAPTION_FORMATS, IMAGE_EXTENSIONS, ImageFile, SidecarFile, walk_images
 from retrieval.model.encoder import Encoder
 from retrieval.outcomes import Outcome
@@ -104,6 +107,7 @@ def _executor(config: BuildConfig, encoder: Encoder) -> Executor:
             workers=config.workers,
             max_pixels=config.max_pixels,
             decode_timeout=config.decode_timeout,
+            gpu_decoder=_gpu_decoder(config, encoder),
         )
     try:
         from retrieval.build.ray_engine import RayExecutor
@@ -127,6 +131,18 @@ def _executor(config: BuildConfig, encoder: Encoder) -> Executor:
         executor.close()
         raise
     return executor
+
+
+def _gpu_decoder(config: BuildConfig, encoder: Encoder) -> GpuJpegDecoder | None:
+    """JPEGs on the GPU where asked for (an error where that cannot be) or where ``auto`` finds it can."""
+    if config.decode == "cpu" or config.images is None:
+        return None
+    problem = gpu_decoding_problem(encoder.preprocess, encoder.runtime.device)
+    if problem is None:
+        return GpuJpegDecoder(encoder.preprocess, encoder.runtime.device)
+    if config.decode == "gpu":
+        raise ConfigError(f"cannot decode on the GPU: {problem}; use --decode cpu (or auto)")
+    return None
 
 
 class _Run:
@@ -201,24 +217,20 @@ class _Run:
         """Commit ``plan``, run its items, commit each result; the collection's report."""
         self.committer.begin(plan)
         added = encoded = reused = truncated = 0
-        committing = 0.0
         if len(plan.items):
             stored = StoredVectors(
                 self.target.view(), plan.collection, self.dim, self.target.table(plan.collection)
             )
             for result in self.executor.run(plan.items, stored, self.progress, self.stop):
-                began = time.perf_counter()
                 self.committer.add(result)
-                committing += time.perf_counter() - began
                 added += result.added
                 encoded += result.encoded
                 reused += result.reused
                 truncated += result.truncated
         self.committer.end(plan.collection)
         counts = self.target.state(plan.collection).counts
-        stages = self.executor.stages if len(plan.items) else ()
-        if stages:
-            stages += (StageReport("commit", added, committing, 1),)
+        stages = self._stages() if len(plan.items) else ()
+        seconds = time.perf_counter() - started
         return CollectionReport(
             indexed=counts.get("indexed", 0),
             skipped=counts.get("skipped", 0),
@@ -227,11 +239,22 @@ class _Run:
             encoded=encoded,
             reused=reused,
             deleted=len(plan.deleted),
-            seconds=time.perf_counter() - started,
+            seconds=seconds,
             refreshed=len(plan.restat),
             truncated=truncated,
             stages=stages,
-            verdict=verdict(stages, self.executor.gpus > 0),
+            verdict=verdict(stages, self.executor.gpus > 0, self.executor.shared_cores, seconds),
+        )
+
+    def _stages(self) -> tuple[StageReport, ...]:
+        """The executor's stages, then writing (where its workers did not) and committing."""
+        stages, c = self.executor.stages, self.committer
+        if any(s.name == "write" for s in stages):  # written by the workers: here only moved
+            return (*stages, StageReport("commit", c.written, c.write_seconds + c.commit_seconds, 1))
+        return (
+            *stages,
+            StageReport("write", c.written, c.write_seconds, 1),
+            StageReport("commit", c.written, c.commit_seconds, 1),
         )
 
 
@@ -244,6 +267,14 @@ def _check_config(config: BuildConfig) -> None:
             )
     if config.images is None and not config.captions:
         raise ConfigError("nothing to index: give an image folder, --captions files, or both")
+    if config.decode not in ("auto", "cpu", "gpu"):
+        raise ConfigError(f"decode {config.decode!r}: use auto, cpu or gpu")
+    if config.decode == "gpu":  # before the index folder is touched; the rest once the model is placed
+        if config.engine != "local":
+            raise ConfigError("--decode gpu is for the local engine (the ray engine decodes on CPUs)")
+        if config.device == "cpu" or not torch.cuda.is_available():
+            where = "the model is set to run on the CPU" if config.device == "cpu" else "no CUDA GPU here"
+            raise ConfigError(f"cannot decode on the GPU: {where}; use --decode cpu (or auto)")
     for path in config.captions:
         if not path.is_file():
             raise InputError(f"caption file {path} does not exist")

@@ -106,6 +106,7 @@ class RayExecutor:
         self.decode = decode
         self.stages: tuple[StageReport, ...] = ()  # of the last run
         self.gpus = 0.0  # per encoding worker
+        self.shared_cores: int | None = None  # each stage has its workers (the cluster its cores)
         self._started_ray = False
         self._actors: list[Any] = []
         self._queued: list[int] = []

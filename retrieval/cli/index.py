@@ -74,6 +74,10 @@ def index_build(
     engine: Annotated[
         str, typer.Option("--engine", help="local (this machine) or ray (a Ray cluster: see the README).")
     ] = "local",
+    decode: Annotated[
+        str,
+        typer.Option("--decode", help="Where JPEGs are decoded: auto (the GPU on a CUDA host), gpu or cpu."),
+    ] = "auto",
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -100,6 +104,8 @@ def index_build(
 
     if engine not in ("local", "ray"):
         raise typer.BadParameter(f"{engine!r}: use local or ray", param_hint="--engine")
+    if decode not in ("auto", "cpu", "gpu"):
+        raise typer.BadParameter(f"{decode!r}: use auto, gpu or cpu", param_hint="--decode")
     if engine == "local" and (ray_address or encode_workers or gpus_per_worker is not None):
         raise typer.BadParameter("--ray-address, --encode-workers and --gpus-per-worker need --engine ray")
     config = BuildConfig(
@@ -122,6 +128,7 @@ def index_build(
             memory_budget=int(memory_budget * 1e9) if memory_budget else None,
         ),
         engine=engine,  # type: ignore[arg-type]
+        decode=decode,  # type: ignore[arg-type]
         cluster=ClusterConfig(ray_address, encode_workers, gpus_per_worker),
     )
     with stop_on_signals() as (stop, received):
@@ -148,7 +155,9 @@ def index_build(
             f"{c.deleted} removed{notes}), {c.skipped} skipped, {c.failed} failed{rate}"
         )
         if c.stages:
-            rates = ", ".join(f"{s.name} {s.capacity:,.0f}/s on {s.workers}" for s in c.stages if s.busy > 0)
+            rates = ", ".join(
+                f"{s.name} {s.capacity:,.0f}/s on {s.workers}" for s in c.stages if s.inputs and s.busy > 0
+            )
             restarted = sum(s.restarts for s in c.stages)
             again = f"; {restarted} workers restarted, their work redone" if restarted else ""
             parts.append(f"{name} stages: {rates}{again}; {c.verdict}")

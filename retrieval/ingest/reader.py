@@ -10,32 +10,30 @@ crafted file is interrupted by a timer signal and the file fails with the reason
 holding its worker forever. The limit needs the decoding thread to be its process's main thread
 (always so in worker processes); elsewhere files decode without one.
 
-Big JPEGs are decoded at a reduced scale (libjpeg's DCT scaling, ``Image.draft``) when the image
-is at least twice the model's input in both sides after reduction, which keeps the result within
-the reference path's tolerance while decoding several times faster.
+One file's work (read, hash, decode) is ``ingest.decoding``'s. On a CUDA host (``gpu_jpegs``), the
+JPEGs the GPU decoder takes are only read and hashed here and travel as bytes (``DecodedGroup.jpegs``).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import hashlib
-import io
+import dataclasses
 import os
 import signal
 import threading
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from retrieval.ingest.decoding import DecodeError, Decoder, decode_file, jpeg_for_gpu
 from retrieval.ingest.sources import ImageFile
-from retrieval.model.imaging import DEFAULT_MAX_PIXELS, to_rgb
+from retrieval.model.imaging import DEFAULT_MAX_PIXELS
 from retrieval.model.preprocess import ImagePreprocess
 from retrieval.outcomes import Outcome, Reason
 
@@ -75,65 +73,12 @@ class DecodedGroup:
     images: list[DecodedImage]
     pixels: torch.Tensor  # uint8 (len(images), H, W, 3)
     failures: list[tuple[int, Outcome]]
+    cpu_seconds: float = 0.0  # the decoding thread's CPU time on the group (what decoding costs)
+    jpegs: list[tuple[DecodedImage, bytes]] = dataclasses.field(default_factory=list)  # for the GPU
 
-
-def decode_file(
-    path: Path, preprocess: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[str, int, int, np.ndarray, bool]:
-    """Read, hash and decode one file -> (sha256, width, height, pixels (H, W, 3) uint8, reduced).
-
-    Raises ``DecodeError`` (a ``ValueError``) with a reason code and a readable reason for anything
-    unusable.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DecodeError(Reason.UNREADABLE, f"cannot read: {e.strerror or e}") from e
-    if not data:
-        raise DecodeError(Reason.EMPTY, "empty file (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the pixel limit is ours; Pillow's warnings are noise here
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:  # declared size beyond Pillow's own hard limit
-            why = f"too many pixels (decompression bomb?): {str(e).split(', could')[0]}"
-            raise DecodeError(Reason.TOO_LARGE, why) from e
-        except UnidentifiedImageError as e:
-            raise DecodeError(Reason.NOT_AN_IMAGE, "not an image in a known format") from e
-        except Exception as e:
-            raise DecodeError(Reason.UNDECODABLE, f"not a readable image: {e}") from e
-        width, height = image.size
-        if width * height > max_pixels:
-            raise DecodeError(Reason.TOO_LARGE, f"{width}x{height} exceeds the {max_pixels:,}-pixel limit")
-        reduced = False
-        if image.format == "JPEG" and preprocess.do_resize:
-            wanted = (2 * preprocess.width, 2 * preprocess.height)
-            if width >= 2 * wanted[0] and height >= 2 * wanted[1]:
-                image.draft("RGB", wanted)
-                reduced = image.size != (width, height)
-        try:
-            image.seek(0)
-            image.load()
-        except Exception as e:
-            raise DecodeError(Reason.UNDECODABLE, f"cannot decode: {e}") from e
-        upright = ImageOps.exif_transpose(image)
-        rgb = to_rgb(upright if upright is not None else image)
-    if not preprocess.do_resize and rgb.size != (preprocess.width, preprocess.height):
-        takes = f"{preprocess.width}x{preprocess.height}"
-        raise DecodeError(Reason.WRONG_SIZE, f"is {rgb.size[0]}x{rgb.size[1]}, the model takes {takes}")
-    return digest, width, height, preprocess.to_pixels(rgb), reduced
-
-
-Decoder = Callable[[Path, ImagePreprocess, int], tuple[str, int, int, np.ndarray, bool]]
-
-
-class DecodeError(ValueError):
-    """A file that cannot be used, with the reason code its outcome carries."""
-
-    def __init__(self, code: Reason, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    @property
+    def files(self) -> int:
+        return len(self.images) + len(self.failures) + len(self.jpegs)
 
 
 class _DecodeTimeout(BaseException):
@@ -160,8 +105,35 @@ def _time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-class _GroupDataset(Dataset[DecodedGroup]):
-    """Item ``g`` is the ``g``-th group of ``group`` consecutive files of the plan."""
+class _Slots:
+    """Pixel buffers in shared memory that the workers decode into, one group a slot.
+
+    Made once a run, before the workers start (they inherit it, or receive it once): a worker then
+    sends back only what it found, and the main process copies the pixels out of the slot and
+    hands the slot to a next group. A fresh shared tensor per group instead costs a shared-memory
+    file, a descriptor passed over a socket and fresh pages each time, about 0.2 ms a file on the
+    2-core machine of the README (6% of decoding a 640x480 JPEG).
+    """
+
+    def __init__(self, count: int, group: int, shape: tuple[int, int, int]) -> None:
+        self.pixels = torch.empty((count, group, *shape), dtype=torch.uint8).share_memory_()
+        self.free = collections.deque(range(count))
+
+    def take(self) -> int:
+        """A free slot, or -1 (the group then sends its own pixels) if none is."""
+        return self.free.popleft() if self.free else -1
+
+    def give_back(self, slot: int, images: int) -> torch.Tensor:
+        """A copy of the ``images`` pixels in ``slot``, which is free again."""
+        # numpy's copy, one thread: torch's would wake its thread pool to spin beside the workers.
+        pixels = torch.from_numpy(self.pixels[slot, :images].numpy().copy())
+        self.free.append(slot)
+        return pixels
+
+
+class _GroupDataset(Dataset[tuple[int, DecodedGroup]]):
+    """Item ``(g, slot)`` is the ``g``-th group of ``group`` consecutive files of the plan, decoded
+    into ``slots`` (``slot`` -1: into a tensor of its own)."""
 
     def __init__(
         self,
@@ -172,7 +144,10 @@ class _GroupDataset(Dataset[DecodedGroup]):
         group: int,
         timeout: float,
         decode: Decoder,
+        slots: _Slots | None = None,
+        gpu_jpegs: bool = False,
     ) -> None:
+        self.gpu_jpegs = gpu_jpegs
         self.root = root
         self.files = files
         self.preprocess = preprocess
@@ -180,20 +155,37 @@ class _GroupDataset(Dataset[DecodedGroup]):
         self.group = group
         self.timeout = timeout
         self.decode = decode
+        self.slots = slots
 
     def __len__(self) -> int:
         return (len(self.files) + self.group - 1) // self.group
 
-    def __getitem__(self, g: int) -> DecodedGroup:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, DecodedGroup]:
+        g, slot = key
         numbers = range(g * self.group, min((g + 1) * self.group, len(self.files)))
-        return decode_group(
+        into = self.slots.pixels[slot] if self.slots is not None and slot >= 0 else None
+        group = decode_group(
             self.root,
             [(index, self.files[index]) for index in numbers],
             self.preprocess,
             max_pixels=self.max_pixels,
             decode_timeout=self.timeout,
             decode=self.decode,
+            into=into,
+            gpu_jpegs=self.gpu_jpegs,
         )
+        if into is not None:  # the pixels are in the slot: the tensor must not travel
+            group = dataclasses.replace(group, pixels=_NO_PIXELS)
+        return slot, group
+
+    def slotted(self) -> Iterator[tuple[int, int]]:
+        """The groups in order, each with the slot it decodes into (taken when a worker is given
+        it, so only groups in flight hold one)."""
+        for g in range(len(self)):
+            yield g, self.slots.take() if self.slots is not None else -1
+
+
+_NO_PIXELS = torch.empty(0, dtype=torch.uint8)
 
 
 def decode_group(
@@ -204,16 +196,32 @@ def decode_group(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
     decode: Decoder | None = None,
+    into: torch.Tensor | None = None,
+    gpu_jpegs: bool = False,
 ) -> DecodedGroup:
     """Decode ``files`` (each with its plan index) here, one after the other: what every reader's
-    worker runs. Each file ends as pixels or as an outcome; the time limit holds when this is the
-    process's main thread."""
+    worker runs. Each file ends as pixels, as JPEG bytes for the GPU (``gpu_jpegs``, where its
+    decoder takes the file), or as an outcome; the time limit holds when this is the process's
+    main thread. ``into``: uint8 (>= len(files), H, W, 3) to decode into (else a tensor of its
+    own, in shared memory in a worker, so that it is not copied on the way)."""
     decode = decode or decode_file
-    images, arrays, failures = [], [], []
+    began = time.thread_time()
+    shape = (preprocess.height, preprocess.width, 3)
+    out = into
+    if out is None:
+        out = torch.empty((len(files), *shape), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            out.share_memory_()
+    slots = out.numpy()
+    images: list[DecodedImage] = []
+    failures: list[tuple[int, Outcome]] = []
+    jpegs: list[tuple[DecodedImage, bytes]] = []
     for index, file in files:
         try:
             with _time_limit(decode_timeout):
-                sha, width, height, pixels, reduced = decode(root / file.path, preprocess, max_pixels)
+                jpeg = jpeg_for_gpu(root / file.path, preprocess, max_pixels) if gpu_jpegs else None
+                if jpeg is None:
+                    sha, width, height, pixels, reduced = decode(root / file.path, preprocess, max_pixels)
         except _DecodeTimeout:
             code, reason = Reason.TIMEOUT, f"decoding took longer than {decode_timeout:g} s"
         except DecodeError as e:
@@ -221,14 +229,17 @@ def decode_group(
         except Exception as e:  # per-file isolation: any decoder error is this file's outcome
             code, reason = Reason.UNDECODABLE, str(e).splitlines()[0] if str(e) else type(e).__name__
         else:
-            images.append(DecodedImage(index, sha, width, height, reduced))
-            arrays.append(pixels)
-            continue
+            if jpeg is not None:
+                jpegs.append((DecodedImage(index, jpeg.sha256, jpeg.width, jpeg.height, False), jpeg.data))
+                continue
+            if pixels.shape == shape:
+                slots[len(images)] = pixels
+                images.append(DecodedImage(index, sha, width, height, reduced))
+                continue
+            code, reason = Reason.UNDECODABLE, f"decoded to {pixels.shape}, not {shape}"
         outcome = Outcome(file.path, "failed", "decode", reason, code, file.size, file.mtime_ns)
         failures.append((index, outcome))
-    shape = (0, preprocess.height, preprocess.width, 3)
-    stacked = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape, dtype=torch.uint8)
-    return DecodedGroup(images, stacked, failures)
+    return DecodedGroup(images, out[: len(images)], failures, time.thread_time() - began, jpegs)
 
 
 def default_workers(workers: int | None) -> int:
@@ -266,6 +277,7 @@ def read_images(
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
     decode: Decoder | None = None,
     start_method: str | None = None,
+    gpu_jpegs: bool = False,
 ) -> Iterator[DecodedGroup]:
     """Decode ``files`` (relative to ``root``) in ``workers`` processes, groups in completion order.
 
@@ -273,23 +285,54 @@ def read_images(
     which worker finished first). ``workers=0`` decodes in this process, in order. A file that takes
     longer than ``decode_timeout`` seconds (0: no limit) fails with that reason. ``decode`` replaces
     ``decode_file`` (a module-level function, so that workers started by any ``start_method`` --
-    fork, forkserver, spawn; default the platform's -- can import it).
+    fork, forkserver, spawn; default the platform's -- can import it). ``gpu_jpegs``: the JPEGs the
+    GPU decoder takes come as bytes (``DecodedGroup.jpegs``), read and hashed only.
     """
-    dataset = _GroupDataset(root, files, preprocess, max_pixels, group, decode_timeout, decode or decode_file)
-    if len(dataset) == 0:
+    decode = decode or decode_file
+    groups = (len(files) + group - 1) // group
+    if groups == 0:
         return
     if workers == 0:
-        yield from (dataset[g] for g in range(len(dataset)))
+        dataset = _GroupDataset(
+            root, files, preprocess, max_pixels, group, decode_timeout, decode, gpu_jpegs=gpu_jpegs
+        )
+        yield from (dataset[key][1] for key in dataset.slotted())
         return
+    # A slot for every group the loader keeps in flight (prefetch x workers), one just received
+    # and one spare. In file order, groups finished early wait inside the loader, holding theirs:
+    # there each group sends its own pixels.
+    prefetch = 4
+    shape = (preprocess.height, preprocess.width, 3)
+    slots = None if ordered else _Slots(min(groups, prefetch * workers + 2), group, shape)
+    dataset = _GroupDataset(
+        root, files, preprocess, max_pixels, group, decode_timeout, decode, slots, gpu_jpegs
+    )
     # Out of order by default: a group that takes long does not hold back the groups behind it.
-    loader: DataLoader[DecodedGroup] = DataLoader(
+    loader: DataLoader[tuple[int, DecodedGroup]] = DataLoader(
         dataset,
         batch_size=None,
+        sampler=_Keys(dataset),
         num_workers=workers,
         collate_fn=_keep,
-        prefetch_factor=4,
+        prefetch_factor=prefetch,
         in_order=ordered,
         worker_init_fn=_ignore_interrupts,
         multiprocessing_context=start_method,
     )
-    yield from loader
+    for slot, decoded in loader:
+        if slot >= 0 and slots is not None:
+            decoded = dataclasses.replace(decoded, pixels=slots.give_back(slot, len(decoded.images)))
+        yield decoded
+
+
+class _Keys:
+    """The loader's sampler: ``dataset.slotted()``, drawn one at a time as groups are sent out."""
+
+    def __init__(self, dataset: _GroupDataset) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return self.dataset.slotted()
+
+    def __len__(self) -> int:
+        return len(self.dataset)

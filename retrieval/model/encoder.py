@@ -193,14 +193,17 @@ class Encoder:
             out[start : start + len(pixels)] = self.encode_pixels(pixels)
         return out
 
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed uint8 (B, H, W, 3), as ``ImagePreprocess.to_pixels`` makes -> (B, D)."""
+    def encode_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Preprocessed uint8 (B, H, W, 3), as ``ImagePreprocess.to_pixels`` makes -> (B, D).
+
+        A tensor may already be on the model's device (pixels decoded there).
+        """
         expected = (self.preprocess.height, self.preprocess.width, 3)
-        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != expected:
+        batch = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             shape = f"(B, {expected[0]}, {expected[1]}, 3)"
-            raise ConfigError(f"pixels must be uint8 {shape}, got {pixels.dtype} {pixels.shape}")
-        batch = torch.from_numpy(pixels)
-        if self.runtime.device.type == "cuda":
+            raise ConfigError(f"pixels must be uint8 {shape}, got {pixels.dtype} {tuple(pixels.shape)}")
+        if self.runtime.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory().to(self.runtime.device, non_blocking=True)
         with self._inference():
             values = self.preprocess.normalize(batch)  # (B, 3, H, W) float32

@@ -89,14 +89,22 @@ class ImagePreprocess:
         return np.asarray(image, dtype=np.uint8)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) on any device -> float32 (B, 3, H, W), the tower's ``pixel_values``."""
-        x = pixels.permute(0, 3, 1, 2).float()
+        """uint8 (B, H, W, 3) on any device -> float32 (B, 3, H, W), the tower's ``pixel_values``.
+
+        One copy into a contiguous float tensor, then ``x * (scale / std) - mean / std`` in place:
+        the processor's arithmetic folded into one multiply-add per pixel (a few times faster than
+        the step-by-step form on a CPU, and equal to float32 rounding).
+        """
+        b, h, w, _ = pixels.shape
+        x = torch.empty((b, 3, h, w), dtype=torch.float32, device=pixels.device)
+        x.copy_(pixels.permute(0, 3, 1, 2))
         scale = self.rescale_factor if self.do_rescale else 1.0
         if not self.do_normalize:
-            return x * scale
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x * scale - mean) / std
+            return x.mul_(scale)
+        std = torch.tensor(self.std, dtype=torch.float64)
+        gain = (scale / std).to(torch.float32).view(1, 3, 1, 1).to(x.device)
+        shift = (torch.tensor(self.mean, dtype=torch.float64) / std).to(torch.float32).view(1, 3, 1, 1)
+        return x.mul_(gain).sub_(shift.to(x.device))
 
 
 def _triple(value: Any) -> tuple[float, float, float]:

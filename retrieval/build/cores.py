@@ -1,0 +1,52 @@
+"""Sharing a CPU's cores between the decoding workers and the model.
+
+On a CPU build, decoding and the model run on the same cores. torch's threads wait for each other
+at every operation, so a model with a thread on each core loses most of its time whenever a
+decoding worker takes one of those cores (measured: a two-thread tiny tower beside two decoding
+workers on two cores ran at 0.7 of what the cores allow, with one thread at 1.0). So the model gets
+the threads its share of the work needs, ``round(cores * m / (d + m))``: ``d`` is the decoding CPU
+time per image (the workers measure their own), ``m`` the model's, measured on its first batch at
+one thread (all of the model's work then runs in the calling thread, so that thread's CPU time is
+the model's). A model that dominates gets every core (its workers mostly wait on a full queue); one
+about as fast as decoding gets one thread and the workers take the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CoreShare"]
+
+
+@dataclass
+class CoreShare:
+    """The model's thread count on ``cores`` shared with decoding workers, from what they cost."""
+
+    cores: int
+    decoded: int = 0
+    decode_cpu: float = 0.0  # seconds the workers spent decoding those images
+    model_cpu: float | None = None  # seconds of one thread per image (None: not measured yet)
+    decoding: bool = True  # False once every file is decoded: the model then has the cores alone
+
+    def add_decoded(self, files: int, cpu_seconds: float) -> None:
+        self.decoded += files
+        self.decode_cpu += cpu_seconds
+
+    def add_encoded(self, images: int, threads: int, thread_cpu: float) -> None:
+        """A batch the model encoded with ``threads`` threads, ``thread_cpu`` seconds of the calling
+        thread's CPU time. Only a one-thread batch measures the model (the cheapest one seen: the
+        first also pays for warming up)."""
+        if threads == 1 and images:
+            per_image = thread_cpu / images
+            self.model_cpu = per_image if self.model_cpu is None else min(self.model_cpu, per_image)
+
+    def threads(self) -> int:
+        """Threads for the next batch: one until the model is measured, then its share of the cores
+        (all of them once decoding is over)."""
+        if not self.decoding:
+            return self.cores
+        if self.cores <= 1 or self.model_cpu is None or not self.decoded:
+            return 1
+        d, m = self.decode_cpu / self.decoded, self.model_cpu
+        share = m / (d + m) if d + m > 0 else 1.0
+        return max(1, min(self.cores, round(self.cores * share)))
