@@ -6,11 +6,14 @@ STAMP := $(VENV)/.installed
 
 # On a machine without an NVIDIA driver, install the CPU build of torch first and pinned, so that
 # resolving `torch` for the other dependencies does not pull a multi-GB CUDA build. Elsewhere pip
-# resolves the normal torch from pyproject.toml. Override with `make install TORCH_SPEC=...`.
+# resolves the normal torch from pyproject.toml, with the torchvision that pairs with it (JPEGs
+# decoded on the GPU). Override with `make install TORCH_SPEC=... EXTRAS=...`.
 ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu),gpu)
 TORCH_SPEC ?=
+EXTRAS ?= dev,ray,gpu
 else
 TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,ray
 endif
 
 export HF_HUB_OFFLINE := 1
@@ -24,7 +27,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(BIN)/pip install --quiet "$(TORCH_SPEC)")
-	$(BIN)/pip install --quiet -e ".[dev,ray]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 # The web UI's browser test drives Debian's Chromium through chromium-driver (skipped without them).
