@@ -52,6 +52,7 @@ test-slow: install
 bench: install
 	$(BIN)/python benchmarks/bench_encoder.py
 	$(BIN)/python benchmarks/bench_indexing.py
+	$(BIN)/python benchmarks/bench_decode.py
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_coldstart.py
 	$(BIN)/python benchmarks/bench_training.py --size tiny

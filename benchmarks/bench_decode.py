@@ -17,8 +17,10 @@ same pictures as PNGs, default 500), in one run:
   jobs, ``1 / (1/bare + 1/model)``; ratio target >= 0.9. The build's own stage report (where the
   time went, which bound it hit) is printed beside it.
 
-Each figure is the best of ``--rounds`` rounds taken in turn (the machine is shared and noisy; the
-best is the least disturbed), and each ratio is taken from figures of this run.
+Each round takes the four figures one after the other, within seconds, and its two ratios from
+them: the machine is shared and its speed drifts by a fifth over minutes, which a ratio of figures
+taken minutes apart would measure instead. Printed for each ratio: its median over ``--rounds``
+rounds with the figures of that median round, and every round's ratio.
 
 On a CUDA host (``--device cuda`` or ``auto`` with a GPU), with a real-size random-init ViT-B/16:
 the pure bf16 forward at batch 256, ``index build`` with GPU decoding against it (target >= 0.8),
@@ -149,39 +151,51 @@ def cpu_part(root: Path, args: argparse.Namespace, rng: np.random.Generator) -> 
     build(encoder, corpora["JPEG"], root / "warm")  # worker start-up path, kernels, allocator
     for kind, folder in corpora.items():
         paths = sorted(folder.iterdir())
-        best = {"bare": 0.0, "reader": 0.0, "model": 0.0, "build": 0.0}
-        report: CollectionReport | None = None
-        for _ in range(args.rounds):
-            best["bare"] = max(best["bare"], bare_rate(paths, preprocess, cores))
-            best["reader"] = max(best["reader"], reader_rate(folder, preprocess, workers))
-            best["model"] = max(
-                best["model"], model_rate(encoder, max(4, len(paths) // encoder.image_batch_size))
-            )
+        rounds = []
+        for _ in range(args.rounds):  # the four figures of a round are taken within seconds
+            bare = bare_rate(paths, preprocess, cores)
+            reader = reader_rate(folder, preprocess, workers)
+            model = model_rate(encoder, max(4, len(paths) // encoder.image_batch_size))
             c = build(encoder, folder, root / "index")
-            rate = c.encoded / c.seconds
-            if rate > best["build"]:
-                best["build"], report = rate, c
-        bound = 1 / (1 / best["bare"] + 1 / best["model"])
-        figures[kind] = best | {
+            bound = 1 / (1 / bare + 1 / model)
+            rounds.append(
+                {
+                    "bare": bare,
+                    "reader": reader,
+                    "model": model,
+                    "bound": bound,
+                    "build": c.encoded / c.seconds,
+                    "reader_vs_bare": reader / bare,
+                    "build_vs_bound": c.encoded / c.seconds / bound,
+                    "stages": stage_line(c),
+                }
+            )
+        figures[kind] = {
             "files": len(paths),
-            "reader_vs_bare": best["reader"] / best["bare"],
-            "bound": bound,
-            "build_vs_bound": best["build"] / bound,
-            "stages": stage_line(report) if report else "",
+            "decode": _median_round(rounds, "reader_vs_bare"),
+            "build": _median_round(rounds, "build_vs_bound"),
+            "rounds_reader_vs_bare": [round(r["reader_vs_bare"], 3) for r in rounds],
+            "rounds_build_vs_bound": [round(r["build_vs_bound"], 3) for r in rounds],
         }
     encoder.close()
     return figures
 
 
-def gpu_part(root: Path, args: argparse.Namespace, rng: np.random.Generator) -> dict[str, object]:
-    from retrieval.ingest.gpu_decode import GpuJpegDecoder, gpu_decoding_available
+def _median_round(rounds: list[dict[str, object]], ratio: str) -> dict[str, object]:
+    """The round whose ``ratio`` is the median of the rounds' (the upper one of an even count)."""
+    return sorted(rounds, key=lambda r: r[ratio])[len(rounds) // 2]  # type: ignore[arg-type,return-value]
 
-    available, why = gpu_decoding_available()
-    if not available:
-        return {"skipped": why}
+
+def gpu_part(root: Path, args: argparse.Namespace, rng: np.random.Generator) -> dict[str, object]:
+    from retrieval.ingest.gpu_decode import GpuJpegDecoder, gpu_decoding_problem
+
     (root / "base").mkdir()
     spec = make_model_dir(root / "base", rng)
     encoder = Encoder.load(spec, device="cuda", precision="bf16")
+    problem = gpu_decoding_problem(encoder.preprocess, encoder.runtime.device)
+    if problem is not None:
+        encoder.close()
+        return {"skipped": problem}
     folder = root / "gpu-jpeg"
     make_images(folder, args.gpu_images, rng, distinct=args.gpu_images)
     figures: dict[str, object] = {"card": torch.cuda.get_device_name(encoder.runtime.device)}
@@ -218,9 +232,9 @@ def _gpu_cpu_cosines(gpu_index: Path, cpu_index: Path) -> np.ndarray:
     def vectors(folder: Path) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         with Store.open(folder) as store:
-            for _, table in store.live_rows("images", ["path", "vector"]):
+            for _, table in store.live_rows("images", ["path", "embedding"]):
                 rows = table.to_pydict()
-                found.update(zip(rows["path"], map(np.asarray, rows["vector"]), strict=True))
+                found.update(zip(rows["path"], map(np.asarray, rows["embedding"]), strict=True))
         return found
 
     gpu, cpu = vectors(gpu_index), vectors(cpu_index)
@@ -252,21 +266,29 @@ def main() -> None:
     assert isinstance(cpu, dict)
     print(
         f"machine: {machine}; {cpu['workers']} decoding workers, {cpu['cores']} threads; "
-        f"best of {args.rounds}"
+        f"median of {args.rounds} rounds"
     )
-    print("| corpus | bare loop | indexer's decode | ratio | model alone | bound | build | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for kind in ("JPEG", "PNG"):
-        if kind not in cpu:
-            continue
-        f = cpu[kind]
+    kinds = [kind for kind in ("JPEG", "PNG") if kind in cpu]
+    print("| corpus | bare loop | indexer's decode | decode / bare | every round |")
+    print("|---|---|---|---|---|")
+    for kind in kinds:
+        f, d = cpu[kind], cpu[kind]["decode"]
         print(
-            f"| {f['files']} {kind}s | {f['bare']:.0f}/s | {f['reader']:.0f}/s | {f['reader_vs_bare']:.2f} "
-            f"| {f['model']:.0f}/s | {f['bound']:.0f}/s | {f['build']:.0f}/s | {f['build_vs_bound']:.2f} |"
+            f"| {f['files']} {kind}s | {d['bare']:.0f}/s | {d['reader']:.0f}/s "
+            f"| **{d['reader_vs_bare']:.2f}** "
+            f"| {', '.join(f'{x:.2f}' for x in f['rounds_reader_vs_bare'])} |"
         )
-    for kind in ("JPEG", "PNG"):
-        if kind in cpu:
-            print(f"{kind} build stages: {cpu[kind]['stages']}")
+    print("| corpus | bare loop | model alone | bound | build | build / bound | every round |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in kinds:
+        f, b = cpu[kind], cpu[kind]["build"]
+        print(
+            f"| {f['files']} {kind}s | {b['bare']:.0f}/s | {b['model']:.0f}/s | {b['bound']:.0f}/s "
+            f"| {b['build']:.0f}/s | **{b['build_vs_bound']:.2f}** "
+            f"| {', '.join(f'{x:.2f}' for x in f['rounds_build_vs_bound'])} |"
+        )
+    for kind in kinds:
+        print(f"{kind} build stages (median round): {cpu[kind]['build']['stages']}")
     if "gpu" in figures:
         g = figures["gpu"]
         assert isinstance(g, dict)

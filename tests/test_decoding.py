@@ -4,6 +4,7 @@ shared memory, and where a build's time went."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 from pathlib import Path
 
@@ -225,3 +226,17 @@ def test_normalize_is_the_processors_arithmetic() -> None:
         got = preprocess.normalize(pixels)
         assert got.dtype == torch.float32 and got.is_contiguous()
         torch.testing.assert_close(got.double(), x, rtol=0, atol=1e-6)
+
+
+def _niceness_as_hash(path: Path, preprocess: ImagePreprocess, max_pixels: int) -> tuple:
+    _, width, height, pixels, reduced = reader.decode_file(path, preprocess, max_pixels)
+    return str(os.nice(0)), width, height, pixels, reduced
+
+
+def test_workers_decode_a_little_below_the_model(tmp_path: Path) -> None:
+    files = [
+        f for f in _pictures(tmp_path / "pictures", 8, np.random.default_rng(5)) if f.path.endswith(".png")
+    ]
+    groups = list(read_images(tmp_path / "pictures", files, PREPROCESS, workers=2, decode=_niceness_as_hash))
+    seen = {image.sha256 for group in groups for image in group.images}
+    assert seen == {str(min(os.nice(0) + 5, 19))}

@@ -135,7 +135,7 @@ class LocalExecutor:
     ) -> Iterator[ItemResult]:
         if self.root is None:
             raise ValueError("an image work item needs the executor's image root")
-        run = ImageRun(items, stored, progress, self.gpu_decoder, self.max_pixels)
+        run = ImageRun(items, stored, progress, self.gpu_decoder, self.max_pixels, self.decode_timeout)
         with _restored_threads() as threads:
             share = None
             if self.encoder.runtime.device.type == "cuda":

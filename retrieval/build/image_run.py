@@ -24,7 +24,7 @@ from retrieval.build.results import ItemResult
 from retrieval.build.stored import StoredVectors
 from retrieval.ingest.decoding import DecodeError, decode_bytes
 from retrieval.ingest.gpu_decode import GpuJpegDecoder
-from retrieval.ingest.reader import DecodedGroup
+from retrieval.ingest.reader import DEFAULT_DECODE_TIMEOUT, DecodedGroup, attempt
 from retrieval.ingest.sources import ImageFile
 from retrieval.model.encoder import Encoder
 from retrieval.model.imaging import DEFAULT_MAX_PIXELS
@@ -51,7 +51,9 @@ class ImageRun:
         progress: Progress,
         gpu: GpuJpegDecoder | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
     ) -> None:
+        self.decode_timeout = decode_timeout  # for the JPEGs the GPU refused, decoded here
         self.items = items if isinstance(items, ImageItems) else ImageItems.of(items)
         self.gpu = gpu  # decodes the JPEGs the workers kept as bytes
         self.max_pixels = max_pixels
@@ -143,13 +145,14 @@ class ImageRun:
         failed: list[_Failed] = []
         for k in refused:  # odd JPEGs nvJPEG would not take: decoded here, or failed with the reason
             index, data = jpegs[k]
-            try:
-                _, _, pixels, reduced = decode_bytes(data, encoder.preprocess, self.max_pixels)
-            except DecodeError as e:
+            timeout = self.decode_timeout
+            done = attempt(decode_bytes, data, encoder.preprocess, self.max_pixels, timeout=timeout)
+            if isinstance(done, DecodeError):
                 x = self.items.input(index)
-                outcome = Outcome(x.path, "failed", "decode", str(e), e.code, x.size, x.mtime_ns)
+                outcome = Outcome(x.path, "failed", "decode", str(done), done.code, x.size, x.mtime_ns)
                 failed.append((index, outcome))
                 continue
+            _, _, pixels, reduced = done
             flags = ("reduced_on_load",) if reduced else ()
             self.rows[index] = dataclasses.replace(self.rows[index], flags=flags)
             numbers.append(index)
