@@ -30,9 +30,8 @@ PREPROCESS = ImagePreprocess(32, 32)
 
 def test_the_model_runs_one_thread_until_it_is_measured() -> None:
     share = CoreShare(cores=8)
-    assert share.threads() == 1
-    share.add_decoded(16, 16 * 0.004)
-    assert share.threads() == 1  # decoding measured, the model not yet
+    assert share.threads(None) == 1
+    assert share.threads(0.004) == 1  # decoding measured, the model not yet
 
 
 @pytest.mark.parametrize(
@@ -46,21 +45,19 @@ def test_the_model_runs_one_thread_until_it_is_measured() -> None:
 )
 def test_the_model_gets_its_share_of_the_work(decode_ms: float, model_ms: float, threads: int) -> None:
     share = CoreShare(cores=8)
-    share.add_decoded(100, 100 * decode_ms / 1000)
     share.add_encoded(16, 1, 16 * model_ms / 1000)
-    assert share.threads() == threads
+    assert share.threads(decode_ms / 1000) == threads
     share.decoding = False
-    assert share.threads() == 8  # nothing left to decode: the model has the machine
+    assert share.threads(decode_ms / 1000) == 8  # nothing left to decode: the model has the machine
 
 
 def test_only_one_thread_batches_measure_the_model_and_the_cheapest_counts() -> None:
     share = CoreShare(cores=2)
-    share.add_decoded(10, 10 * 0.001)
     share.add_encoded(16, 1, 16 * 0.050)  # the first batch also warms up
     share.add_encoded(16, 1, 16 * 0.010)
     share.add_encoded(16, 2, 16 * 0.0001)  # two threads: the calling thread did half, not measured
     assert share.model_cpu == pytest.approx(0.010)
-    assert CoreShare(cores=1).threads() == 1
+    assert CoreShare(cores=1).threads(0.001) == 1
 
 
 # -- where the time goes ---------------------------------------------------------------------------

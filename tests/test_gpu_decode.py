@@ -19,6 +19,8 @@ from retrieval.build.execute import LocalExecutor
 from retrieval.errors import ConfigError
 from retrieval.ingest.decoding import DecodeError, decode_file, jpeg_for_gpu
 from retrieval.ingest.gpu_decode import GpuJpegDecoder, gpu_decoding_problem
+from retrieval.ingest.reader import read_images
+from retrieval.ingest.sources import ImageFile
 from retrieval.model.preprocess import ImagePreprocess
 from retrieval.outcomes import Reason
 from retrieval.vectors import embedding_matrix
@@ -199,3 +201,16 @@ def test_nvjpeg_pixels_and_vectors_match_the_cpu_path(config: BuildConfig, tmp_p
         assert diff.mean() < 1.0
         cosines = np.sum(encoder.encode_pixels(pixels) * encoder.encode_pixels(reference), axis=1)
         assert cosines.min() >= 0.999
+
+
+def test_the_gpu_route_takes_no_decoder_of_its_own(tmp_path: Path) -> None:
+    picture(np.random.default_rng(5)).save(tmp_path / "a.jpg")
+    files = [ImageFile("a.jpg", 1, 1)]
+    with pytest.raises(ValueError, match="cannot be combined with gpu_jpegs"):
+        list(read_images(tmp_path, files, ImagePreprocess(32, 32), workers=0, decode=_other, gpu_jpegs=True))
+    (group,) = read_images(tmp_path, files, ImagePreprocess(32, 32), workers=0, gpu_jpegs=True)
+    assert [image.index for image, _ in group.jpegs] == [0] and not group.images  # read once, kept
+
+
+def _other(path: Path, preprocess: ImagePreprocess, max_pixels: int) -> tuple:
+    return decode_file(path, preprocess, max_pixels)

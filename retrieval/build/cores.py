@@ -24,14 +24,8 @@ class CoreShare:
     """The model's thread count on ``cores`` shared with decoding workers, from what they cost."""
 
     cores: int
-    decoded: int = 0
-    decode_cpu: float = 0.0  # seconds the workers spent decoding those images
     model_cpu: float | None = None  # seconds of one thread per image (None: not measured yet)
     decoding: bool = True  # False once every file is decoded: the model then has the cores alone
-
-    def add_decoded(self, files: int, cpu_seconds: float) -> None:
-        self.decoded += files
-        self.decode_cpu += cpu_seconds
 
     def add_encoded(self, images: int, threads: int, thread_cpu: float) -> None:
         """A batch the model encoded with ``threads`` threads, ``thread_cpu`` seconds of the calling
@@ -41,13 +35,14 @@ class CoreShare:
             per_image = thread_cpu / images
             self.model_cpu = per_image if self.model_cpu is None else min(self.model_cpu, per_image)
 
-    def threads(self) -> int:
-        """Threads for the next batch: one until the model is measured, then its share of the cores
-        (all of them once decoding is over)."""
+    def threads(self, decode_cpu: float | None) -> int:
+        """Threads for the next batch, given the decoding CPU seconds an image costs so far (None:
+        nothing decoded yet): one until the model is measured, then its share of the cores (all of
+        them once decoding is over)."""
         if not self.decoding:
             return self.cores
-        if self.cores <= 1 or self.model_cpu is None or not self.decoded:
+        if self.cores <= 1 or self.model_cpu is None or decode_cpu is None:
             return 1
-        d, m = self.decode_cpu / self.decoded, self.model_cpu
+        d, m = decode_cpu, self.model_cpu
         share = m / (d + m) if d + m > 0 else 1.0
         return max(1, min(self.cores, round(self.cores * share)))

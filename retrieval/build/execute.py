@@ -157,8 +157,6 @@ class LocalExecutor:
                 gpu_jpegs=self.gpu_decoder is not None,
             )
             for group in _until_stopped(groups, stop):
-                if share is not None:
-                    share.add_decoded(group.files, group.cpu_seconds)
                 yield from run.take(group)
                 if run.pending >= self.encoder.image_batch_size:
                     yield from run.encode(self.encoder, share)

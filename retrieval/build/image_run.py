@@ -127,7 +127,8 @@ class ImageRun:
         if share.model_cpu is None and len(pixels) > _PROBE:
             parts.append(_encode_with(encoder, pixels[:_PROBE], 1, share))
             pixels = pixels[_PROBE:]
-        parts.append(_encode_with(encoder, pixels, share.threads(), share))
+        decode_cpu = self.decode_cpu / self.decoded if self.decoded else None
+        parts.append(_encode_with(encoder, pixels, share.threads(decode_cpu), share))
         return np.concatenate(parts)
 
     def _batch(self, encoder: Encoder) -> tuple[list[int], np.ndarray | torch.Tensor, list[_Failed]]:

@@ -25,7 +25,16 @@ from retrieval.model.imaging import DEFAULT_MAX_PIXELS, to_rgb
 from retrieval.model.preprocess import ImagePreprocess
 from retrieval.outcomes import Reason
 
-__all__ = ["DecodeError", "Decoder", "GpuJpeg", "decode_bytes", "decode_file", "jpeg_for_gpu"]
+__all__ = [
+    "DecodeError",
+    "Decoded",
+    "Decoder",
+    "GpuJpeg",
+    "decode_bytes",
+    "decode_file",
+    "decode_or_keep",
+    "jpeg_for_gpu",
+]
 
 _ORIENTATION = 0x0112  # the EXIF tag
 
@@ -61,7 +70,8 @@ def decode_file(
     return digest, width, height, pixels, reduced
 
 
-Decoder = Callable[[Path, ImagePreprocess, int], tuple[str, int, int, np.ndarray, bool]]
+Decoded = tuple[str, int, int, np.ndarray, bool]  # sha256, width, height, pixels (H, W, 3) uint8, reduced
+Decoder = Callable[[Path, ImagePreprocess, int], Decoded]
 
 
 def decode_bytes(
@@ -91,12 +101,29 @@ def decode_bytes(
     return width, height, preprocess.to_pixels(rgb), reduced
 
 
+def decode_or_keep(
+    path: Path, preprocess: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> GpuJpeg | Decoded:
+    """``decode_file``, except that a JPEG the GPU decoder takes is only read and hashed: the file
+    is read once either way. Raises ``DecodeError`` as ``decode_file`` does."""
+    data, digest = _read(path)
+    jpeg = _for_gpu(data, digest, preprocess, max_pixels)
+    if jpeg is not None:
+        return jpeg
+    width, height, pixels, reduced = decode_bytes(data, preprocess, max_pixels)
+    return digest, width, height, pixels, reduced
+
+
 def jpeg_for_gpu(
     path: Path, preprocess: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> GpuJpeg | None:
     """``path`` read and hashed, if its header says the GPU decoder takes it; else None (decode it
     here). Raises ``DecodeError`` for a file that cannot be read or is over the pixel limit."""
     data, digest = _read(path)
+    return _for_gpu(data, digest, preprocess, max_pixels)
+
+
+def _for_gpu(data: bytes, digest: str, preprocess: ImagePreprocess, max_pixels: int) -> GpuJpeg | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -2,7 +2,7 @@
 resizes on the CPU (docs/decisions/0007-gpu-jpeg-decoding.md).
 
 The CPU workers read and hash each file and keep as bytes the JPEGs nvJPEG takes
-(``ingest.decoding.jpeg_for_gpu``); this module turns a batch of those into the model's uint8
+(``ingest.decoding.decode_or_keep``); this module turns a batch of those into the model's uint8
 pixels on the device. Resizing is torch's antialiased interpolation with the processor's filter
 (bilinear or bicubic: the filters PIL and torch compute alike), rounded to uint8 as PIL's result
 is, so that both paths feed ``ImagePreprocess.normalize`` the same kind of pixels. A batch nvJPEG

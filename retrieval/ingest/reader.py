@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from retrieval.ingest.decoding import DecodeError, Decoder, GpuJpeg, decode_file, jpeg_for_gpu
+from retrieval.ingest.decoding import Decoded, DecodeError, Decoder, GpuJpeg, decode_file, decode_or_keep
 from retrieval.ingest.sources import ImageFile
 from retrieval.model.imaging import DEFAULT_MAX_PIXELS
 from retrieval.model.preprocess import ImagePreprocess
@@ -205,8 +205,12 @@ def decode_group(
     worker runs. Each file ends as pixels, as JPEG bytes for the GPU (``gpu_jpegs``, where its
     decoder takes the file), or as an outcome; the time limit holds when this is the process's
     main thread. ``into``: uint8 (>= len(files), H, W, 3) to decode into (else a tensor of its
-    own, in shared memory in a worker, so that it is not copied on the way)."""
-    decode = decode or decode_file
+    own, in shared memory in a worker, so that it is not copied on the way). ``gpu_jpegs`` takes
+    no other ``decode``: the GPU route reads each file once (``decoding.decode_or_keep``)."""
+    _check_decoder(decode, gpu_jpegs)
+    work: Callable[[Path, ImagePreprocess, int], GpuJpeg | Decoded] = (
+        decode_or_keep if gpu_jpegs else (decode or decode_file)
+    )
     began = time.thread_time()
     shape = (preprocess.height, preprocess.width, 3)
     out = into
@@ -219,18 +223,10 @@ def decode_group(
     failures: list[tuple[int, Outcome]] = []
     jpegs: list[tuple[DecodedImage, bytes]] = []
     for index, file in files:
-        path = root / file.path
-        jpeg = (
-            attempt(jpeg_for_gpu, path, preprocess, max_pixels, timeout=decode_timeout) if gpu_jpegs else None
-        )
-        if isinstance(jpeg, GpuJpeg):
-            jpegs.append((DecodedImage(index, jpeg.sha256, jpeg.width, jpeg.height, False), jpeg.data))
+        done = attempt(work, root / file.path, preprocess, max_pixels, timeout=decode_timeout)
+        if isinstance(done, GpuJpeg):
+            jpegs.append((DecodedImage(index, done.sha256, done.width, done.height, False), done.data))
             continue
-        done = (
-            jpeg
-            if isinstance(jpeg, DecodeError)
-            else attempt(decode, path, preprocess, max_pixels, timeout=decode_timeout)
-        )
         if not isinstance(done, DecodeError):
             sha, width, height, pixels, reduced = done
             if pixels.shape == shape:
@@ -256,6 +252,11 @@ def attempt(call: Callable[..., T], *args: Any, timeout: float = DEFAULT_DECODE_
         return e
     except Exception as e:  # any decoder error is this file's outcome
         return DecodeError(Reason.UNDECODABLE, str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _check_decoder(decode: Decoder | None, gpu_jpegs: bool) -> None:
+    if gpu_jpegs and decode is not None and decode is not decode_file:
+        raise ValueError("a decoder of its own decodes every file: it cannot be combined with gpu_jpegs")
 
 
 def default_workers(workers: int | None) -> int:
@@ -312,6 +313,7 @@ def read_images(
     fork, forkserver, spawn; default the platform's -- can import it). ``gpu_jpegs``: the JPEGs the
     GPU decoder takes come as bytes (``DecodedGroup.jpegs``), read and hashed only.
     """
+    _check_decoder(decode, gpu_jpegs)
     decode = decode or decode_file
     groups = (len(files) + group - 1) // group
     if groups == 0:
